@@ -1,0 +1,132 @@
+"""The FastAPI application of ferryd. Thin: validate, authorize, call :class:`Host`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from vmferry import __version__
+from vmferry.errors import AuthError, FerryError
+from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
+
+log = logging.getLogger("vmferry.api")
+
+VM_ACTIONS = ("start", "stop", "shutdown", "pause", "resume", "save", "restore")
+
+
+class VMAction(BaseModel):
+    """``POST /v1/vms/{name}/actions``: one verb, with a timeout for shutdown."""
+
+    action: Literal["start", "stop", "shutdown", "pause", "resume", "save", "restore"]
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+
+
+def _error(exc: FerryError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    field = ".".join(loc) or "body"
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return field, f"{field}: {msg}"
+
+
+def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
+    """Build the API for ``host``. Client certificates are required unless told otherwise."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await host.apply_switches()
+        host.vms.start_monitor()
+        log.info("ferryd %s serving host %s", __version__, host.settings.name)
+        yield
+        await host.vms.stop_monitor()
+
+    app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def identify(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        tls = request.scope.get("extensions", {}).get("tls", {})
+        identity = tls.get("client_cn")
+        if identity is None and require_client_cert:
+            return _error(
+                AuthError(
+                    "a client certificate signed by this cluster's CA is required",
+                    fix="pass --cert/--key (the lab writes them to its client config)",
+                )
+            )
+        request.state.identity = identity or "local"
+        return await call_next(request)
+
+    @app.exception_handler(FerryError)
+    async def ferry_error(_: Request, exc: FerryError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        field, message = _validation_message(exc)
+        return JSONResponse(
+            {"error": {"code": "refused", "message": message, "field": field, "fix": None}},
+            status_code=400,
+        )
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "host": host.settings.name, "version": __version__}
+
+    @app.get("/v1/host")
+    async def host_info() -> dict[str, Any]:
+        return host.info()
+
+    @app.get("/v1/host/settings")
+    async def get_settings() -> HostSettings:
+        return host.settings
+
+    @app.patch("/v1/host/settings")
+    async def patch_settings(update: HostSettingsUpdate) -> HostSettings:
+        return await host.update_settings(update)
+
+    @app.get("/v1/vms")
+    async def list_vms() -> list[VMInfo]:
+        return host.vms.list()
+
+    @app.post("/v1/vms", status_code=201)
+    async def create_vm(req: VMCreate) -> VMInfo:
+        return await host.vms.create(req)
+
+    @app.get("/v1/vms/{name}")
+    async def show_vm(name: str) -> VMInfo:
+        return host.vms.info(name)
+
+    @app.delete("/v1/vms/{name}", status_code=204)
+    async def delete_vm(name: str) -> Response:
+        await host.vms.delete(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/vms/{name}/actions")
+    async def vm_action(name: str, act: VMAction) -> VMInfo:
+        vms = host.vms
+        if act.action == "shutdown":
+            return await vms.shutdown(name, act.timeout)
+        handlers = {
+            "start": vms.start,
+            "stop": vms.stop,
+            "pause": vms.pause,
+            "resume": vms.resume,
+            "save": vms.save,
+            "restore": vms.restore,
+        }
+        return await handlers[act.action](name)
+
+    return app

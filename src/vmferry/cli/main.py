@@ -1,0 +1,417 @@
+"""``ferry``: the command line of vmferry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmferry.client import FerryClient, FerryError, load_config, resolve_host
+
+app = typer.Typer(help="vmferry: move running VMs between hosts.", no_args_is_help=True)
+vm_app = typer.Typer(help="Create and run VMs on one host.", no_args_is_help=True)
+host_app = typer.Typer(help="Show and change a host's settings.", no_args_is_help=True)
+lab_app = typer.Typer(
+    help="A multi-host lab on this machine (network namespaces).", no_args_is_help=True
+)
+image_app = typer.Typer(help="The lab's guest image.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+app.add_typer(host_app, name="host")
+app.add_typer(lab_app, name="lab")
+app.add_typer(image_app, name="image")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    """How listings are printed."""
+
+    table = "table"
+    json = "json"
+
+
+class _Globals:
+    host: str | None = None
+    output: Output = Output.table
+
+
+G = _Globals()
+
+OutputOpt = Annotated[
+    Output | None, typer.Option("--output", "-o", help="table for people, json for scripts")
+]
+
+
+@app.callback()
+def _main(
+    host: Annotated[
+        str | None, typer.Option("--host", "-H", help="Host name from the client config")
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.table,
+) -> None:
+    G.host = host
+    G.output = output
+
+
+def _fail(exc: FerryError) -> None:
+    err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    if exc.field:
+        err.print(f"  field: {exc.field}", highlight=False)
+    if exc.fix:
+        err.print(f"  fix:   {exc.fix}", highlight=False)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _client() -> Iterator[FerryClient]:
+    try:
+        _, ep = resolve_host(G.host, load_config())
+        with FerryClient(ep) as c:
+            yield c
+    except FerryError as exc:
+        _fail(exc)
+
+
+def _emit(data: Any, output: Output | None, render: Callable[[Any], None]) -> None:
+    if (output or G.output) is Output.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        render(data)
+
+
+def _kv(data: dict[str, Any], title: str) -> None:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in data.items():
+        if isinstance(v, list | dict):
+            v = json.dumps(v) if v else "-"
+        t.add_row(k, "-" if v is None else str(v))
+    out.print(t)
+
+
+# -- vm --------------------------------------------------------------------------------------
+def _vm_table(vms: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("NAME", "STATE", "HOST", "MEMORY", "VCPUS", "UPTIME", "PID", "IP"):
+        t.add_column(col)
+    for v in vms:
+        up = v.get("uptime_s")
+        t.add_row(
+            v["name"],
+            v["state"],
+            v["host"],
+            f"{v['memory_mib']} MiB",
+            str(v["vcpus"]),
+            "-" if up is None else f"{up:.0f}s",
+            str(v.get("pid") or "-"),
+            v.get("ip") or "-",
+        )
+    out.print(t)
+
+
+def _vm_show(v: dict[str, Any]) -> None:
+    _kv(v, f"VM {v['name']}")
+
+
+@vm_app.command("list")
+def vm_list(output: OutputOpt = None) -> None:
+    """List the VMs of a host."""
+    with _client() as c:
+        _emit(c.vms(), output, _vm_table)
+
+
+@vm_app.command("show")
+def vm_show(name: str, output: OutputOpt = None) -> None:
+    """Show one VM."""
+    with _client() as c:
+        _emit(c.vm(name), output, _vm_show)
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    memory: Annotated[int, typer.Option("--memory", "-m", help="MiB")] = 256,
+    vcpus: Annotated[int, typer.Option("--vcpus")] = 1,
+    cpu: Annotated[str, typer.Option("--cpu", help="QEMU CPU model")] = "qemu64",
+    disk: Annotated[list[int] | None, typer.Option("--disk", help="new qcow2 disk, MiB")] = None,
+    nic: Annotated[
+        list[str] | None, typer.Option("--nic", help="SWITCH or SWITCH=MAC (repeatable)")
+    ] = None,
+    ip: Annotated[str | None, typer.Option("--ip", help="probe guest address, CIDR")] = None,
+    roles: Annotated[
+        str | None, typer.Option("--roles", help="probe roles, comma separated")
+    ] = None,
+    dirty: Annotated[
+        str | None, typer.Option("--dirty", help="SIZE@RATE for the dirty role")
+    ] = None,
+    boot: Annotated[str, typer.Option("--boot", help="probe | kernel | disk")] = "probe",
+    kernel: Annotated[str | None, typer.Option("--kernel")] = None,
+    initrd: Annotated[str | None, typer.Option("--initrd")] = None,
+    cmdline: Annotated[str | None, typer.Option("--cmdline")] = None,
+    storage_dir: Annotated[
+        str | None, typer.Option("--storage-dir", help="under a storage root")
+    ] = None,
+    start: Annotated[bool, typer.Option("--start", help="start it once created")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Create a VM (it stays off unless --start)."""
+    nics = []
+    for n in nic or []:
+        sw, _, mac = n.partition("=")
+        nics.append({"switch": sw, **({"mac": mac} if mac else {})})
+    spec: dict[str, Any] = {
+        "name": name,
+        "memory_mib": memory,
+        "vcpus": vcpus,
+        "cpu_model": cpu,
+        "disks": [{"size_mib": s} for s in disk or []],
+        "nics": nics,
+        "boot": {"kind": boot, "kernel": kernel, "initrd": initrd, "cmdline": cmdline},
+        "storage_dir": storage_dir,
+    }
+    if boot == "probe":
+        probe: dict[str, Any] = {"ip": ip, "dirty": dirty}
+        if roles:
+            probe["roles"] = [r.strip() for r in roles.split(",") if r.strip()]
+        spec["probe"] = probe
+    with _client() as c:
+        vm = c.create_vm(spec)
+        if start:
+            vm = c.action(name, "start")
+        _emit(vm, output, _vm_show)
+
+
+def _action(name: str, action: str, output: Output | None, timeout: float = 60.0) -> None:
+    with _client() as c:
+        with err.status(f"{action} {name} …"):
+            vm = c.action(name, action, timeout)
+        _emit(vm, output, lambda v: out.print(f"{v['name']}: {v['state']}"))
+
+
+@vm_app.command("start")
+def vm_start(name: str, output: OutputOpt = None) -> None:
+    """Start a VM (a saved VM is restored)."""
+    _action(name, "start", output)
+
+
+@vm_app.command("stop")
+def vm_stop(name: str, output: OutputOpt = None) -> None:
+    """Turn a VM off at once."""
+    _action(name, "stop", output)
+
+
+@vm_app.command("shutdown")
+def vm_shutdown(
+    name: str,
+    timeout: Annotated[float, typer.Option(help="seconds before it is forced off")] = 60.0,
+    output: OutputOpt = None,
+) -> None:
+    """Shut a VM down through ACPI; forced off after --timeout."""
+    _action(name, "shutdown", output, timeout)
+
+
+@vm_app.command("pause")
+def vm_pause(name: str, output: OutputOpt = None) -> None:
+    """Pause a running VM."""
+    _action(name, "pause", output)
+
+
+@vm_app.command("resume")
+def vm_resume(name: str, output: OutputOpt = None) -> None:
+    """Resume a paused VM."""
+    _action(name, "resume", output)
+
+
+@vm_app.command("save")
+def vm_save(name: str, output: OutputOpt = None) -> None:
+    """Save a VM's memory and device state to its storage folder and turn it off."""
+    _action(name, "save", output)
+
+
+@vm_app.command("restore")
+def vm_restore(name: str, output: OutputOpt = None) -> None:
+    """Restore a saved VM where it left off."""
+    _action(name, "restore", output)
+
+
+@vm_app.command("delete")
+def vm_delete(name: str) -> None:
+    """Delete an off VM with its disks and configuration."""
+    with _client() as c:
+        c.delete_vm(name)
+        out.print(f"deleted {name}")
+
+
+# -- host ------------------------------------------------------------------------------------
+@host_app.command("show")
+def host_show(output: OutputOpt = None) -> None:
+    """Show a host: CPU, memory, storage roots, switches, VMs."""
+    with _client() as c:
+        _emit(c.host(), output, lambda h: _kv(h, f"host {h['name']}"))
+
+
+@host_app.command("set")
+def host_set(
+    accelerator: Annotated[str | None, typer.Option(help="kvm | tcg")] = None,
+    storage_root: Annotated[
+        list[str] | None, typer.Option("--storage-root", help="replace the roots (repeatable)")
+    ] = None,
+    add_storage_root: Annotated[list[str] | None, typer.Option("--add-storage-root")] = None,
+    remove_storage_root: Annotated[list[str] | None, typer.Option("--remove-storage-root")] = None,
+    switch: Annotated[
+        list[str] | None, typer.Option("--switch", help="NAME=BRIDGE[:UPLINK] (repeatable)")
+    ] = None,
+    remove_switch: Annotated[list[str] | None, typer.Option("--remove-switch")] = None,
+    memory_reserve: Annotated[int | None, typer.Option("--memory-reserve", help="MiB")] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Change host settings."""
+    with _client() as c:
+        cur = c.settings()
+        changes: dict[str, Any] = {}
+        if accelerator is not None:
+            changes["accelerator"] = accelerator
+        if memory_reserve is not None:
+            changes["memory_reserve_mib"] = memory_reserve
+        roots = list(storage_root) if storage_root else list(cur["storage_roots"])
+        roots += [r for r in add_storage_root or [] if r not in roots]
+        roots = [r for r in roots if r not in (remove_storage_root or [])]
+        if roots != cur["storage_roots"]:
+            changes["storage_roots"] = roots
+        switches = dict(cur["switches"])
+        for s in switch or []:
+            name, eq, rest = s.partition("=")
+            if not eq or not rest:
+                _fail(FerryError(f"--switch {s!r} is not NAME=BRIDGE[:UPLINK]", field="--switch"))
+            bridge, _, uplink = rest.partition(":")
+            switches[name] = {"bridge": bridge, "uplink": uplink or None}
+        for name in remove_switch or []:
+            switches.pop(name, None)
+        if switches != cur["switches"]:
+            changes["switches"] = switches
+        new = c.update_settings(**changes) if changes else cur
+        _emit(new, output, lambda s: _kv(s, "settings"))
+
+
+# -- image -----------------------------------------------------------------------------------
+@image_app.command("build")
+def image_build(
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Build the lab's guest image (kernel + initramfs with the probe); cached by content."""
+    from vmferry.guest import build_image
+
+    with err.status("building the guest image …"):
+        img = build_image(force=force)
+    data = {
+        "kernel": str(img.kernel),
+        "initrd": str(img.initrd),
+        "digest": img.digest,
+        "kernel_version": img.kernel_version,
+    }
+    _emit(data, output, lambda d: _kv(d, "guest image"))
+
+
+# -- lab -------------------------------------------------------------------------------------
+LabDirOpt = Annotated[Path | None, typer.Option("--dir", help="lab directory")]
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: Annotated[int, typer.Option("--hosts", min=1, max=16)] = 2,
+    link: Annotated[
+        str | None, typer.Option("--link", help="migration link rate, e.g. 1gbit")
+    ] = None,
+    lab_dir: LabDirOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Build N hosts in network namespaces, each with its own ferryd."""
+    from vmferry.lab import Lab
+
+    lab = Lab(lab_dir)
+    try:
+        with err.status(f"building a {hosts}-host lab …"):
+            status = lab.up(hosts, link)
+    except FerryError as exc:
+        _fail(exc)
+    _emit(status, output, _lab_table)
+
+
+@lab_app.command("down")
+def lab_down(lab_dir: LabDirOpt = None) -> None:
+    """Remove everything the lab made, from its own records."""
+    from vmferry.lab import Lab
+
+    removed = Lab(lab_dir).down()
+    out.print(f"lab down: removed {len(removed)} item(s)")
+
+
+@lab_app.command("status")
+def lab_status(lab_dir: LabDirOpt = None, output: OutputOpt = None) -> None:
+    """Show the lab's hosts and whether their agents answer."""
+    from vmferry.lab import Lab
+
+    try:
+        status = Lab(lab_dir).status()
+    except FerryError as exc:
+        _fail(exc)
+    _emit(status, output, _lab_table)
+
+
+@lab_app.command("probe")
+def lab_probe(
+    kind: Annotated[str, typer.Argument(help="udp | tcp | stat")],
+    ip: Annotated[str, typer.Argument(help="guest address on the lab's VM network")],
+    count: Annotated[int, typer.Option(min=1, max=10000)] = 5,
+    interval: Annotated[float, typer.Option(min=0.0, max=10.0)] = 0.1,
+    lab_dir: LabDirOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Probe a guest from the lab's client namespace (UDP echo, TCP echo, probe counters)."""
+    from vmferry.lab import Lab
+    from vmferry.lab.lab import probe
+
+    if kind not in ("udp", "tcp", "stat"):
+        _fail(FerryError(f"probe kind {kind!r} is unknown", field="kind", fix="udp, tcp or stat"))
+    try:
+        result = probe(Lab(lab_dir), kind, ip, count, interval)
+    except FerryError as exc:
+        _fail(exc)
+    _emit(result, output, lambda r: _kv(r, f"{kind} probe of {ip}"))
+    if "error" in result or result.get("received", 1) == 0 or result.get("echoed", 1) == 0:
+        raise typer.Exit(1)
+
+
+def _lab_table(status: dict[str, Any]) -> None:
+    t = Table(title=f"lab {status.get('tag', '?')} ({status.get('dir')})", title_justify="left")
+    for col in ("HOST", "NAMESPACE", "MGMT", "MIGRATION", "AGENT"):
+        t.add_column(col)
+    for h in status.get("hosts", []):
+        t.add_row(h["name"], h["netns"], h["mgmt_ip"], h["migration_ip"], h.get("agent", "?"))
+    out.print(t)
+    if status.get("client_netns"):
+        out.print(
+            f"client namespace {status['client_netns']} ({status.get('client_ip')}), "
+            f"guests on {status.get('vm_cidr')}, "
+            f"migration link {status.get('link_rate') or 'unlimited'}"
+        )
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

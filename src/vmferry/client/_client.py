@@ -1,0 +1,116 @@
+"""A synchronous client for one ferryd agent."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from vmferry.client._config import HostEndpoint
+from vmferry.errors import FerryError, UnreachableError, error_from_dict
+
+
+class FerryClient:
+    """Talks to one agent over HTTPS with a client certificate."""
+
+    def __init__(self, endpoint: HostEndpoint, timeout: float = 30.0) -> None:
+        self.endpoint = endpoint
+        ctx = ssl.create_default_context(cafile=endpoint.ca)
+        if endpoint.cert and endpoint.key:
+            ctx.load_cert_chain(endpoint.cert, endpoint.key)
+        self._http = httpx.Client(base_url=endpoint.url, verify=ctx, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> FerryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self, method: str, path: str, *, json: Any = None, timeout: float | None = None
+    ) -> Any:
+        """Send one request; an error body becomes the matching :class:`FerryError`."""
+        try:
+            resp = self._http.request(
+                method,
+                path,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException as exc:
+            raise UnreachableError(
+                f"{self.endpoint.url} did not answer in time ({exc.__class__.__name__})",
+                fix="the operation may still be running; check with ferry vm show",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UnreachableError(
+                f"cannot reach the agent at {self.endpoint.url}: {exc}",
+                fix="is ferryd running there, and are the CA and client certificate right?",
+            ) from exc
+        if resp.status_code == 204:
+            return None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.is_error:
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                raise error_from_dict(body["error"])
+            raise FerryError(f"HTTP {resp.status_code} from {self.endpoint.url}{path}")
+        return body
+
+    # -- host ------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """Liveness and version of the agent."""
+        result: dict[str, Any] = self.request("GET", "/v1/health")
+        return result
+
+    def host(self) -> dict[str, Any]:
+        """The host's facts, settings summary and VM counts."""
+        result: dict[str, Any] = self.request("GET", "/v1/host")
+        return result
+
+    def settings(self) -> dict[str, Any]:
+        """The host's settings."""
+        result: dict[str, Any] = self.request("GET", "/v1/host/settings")
+        return result
+
+    def update_settings(self, **changes: Any) -> dict[str, Any]:
+        """Change host settings (fields left out keep their value)."""
+        result: dict[str, Any] = self.request("PATCH", "/v1/host/settings", json=changes)
+        return result
+
+    # -- VMs -------------------------------------------------------------------------------
+    def vms(self) -> list[dict[str, Any]]:
+        """Every VM on the host."""
+        result: list[dict[str, Any]] = self.request("GET", "/v1/vms")
+        return result
+
+    def vm(self, name: str) -> dict[str, Any]:
+        """One VM."""
+        result: dict[str, Any] = self.request("GET", f"/v1/vms/{name}")
+        return result
+
+    def create_vm(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create a VM from a VMCreate-shaped dict."""
+        result: dict[str, Any] = self.request("POST", "/v1/vms", json=spec)
+        return result
+
+    def delete_vm(self, name: str) -> None:
+        """Delete an off VM and its files."""
+        self.request("DELETE", f"/v1/vms/{name}")
+
+    def action(self, name: str, action: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run start|stop|shutdown|pause|resume|save|restore on a VM and return its new state."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/vms/{name}/actions",
+            json={"action": action, "timeout": timeout},
+            timeout=timeout + 120,
+        )
+        return result

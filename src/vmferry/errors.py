@@ -1,0 +1,123 @@
+"""Every failure a vmferry caller can catch.
+
+The tree (HTTP status the API maps each one to)::
+
+    FerryError                      500  base: message, field, fix
+    ├── RefusedError                400  bad input; names the field and the fix; nothing changed
+    │   └── OutsideStorageRootError 400  a path that is not under the host's storage roots
+    ├── AuthError                   401  no or unknown client identity
+    ├── NotFoundError               404  no such VM / job / host
+    ├── ConflictError               409  the name exists, or the VM is in the wrong state
+    ├── InsufficientResourcesError  409  not enough free memory or disk on the host
+    ├── HostError                   500  the host could not do it (QEMU failed to start, ...)
+    └── UnreachableError            503  the agent could not be reached (client side only)
+
+Lower layers raise these; the API turns them into ``{"error": {...}}`` bodies and the client turns
+the bodies back into the same classes, so a CLI user sees the message the host wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FerryError(Exception):
+    """Base of every vmferry error: a message, optionally the offending field and the fix."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.fix = fix
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.fix:
+            text += f" ({self.fix})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used in API error bodies."""
+        return {"code": self.code, "message": self.message, "field": self.field, "fix": self.fix}
+
+
+class RefusedError(FerryError):
+    """The request is invalid; nothing was changed."""
+
+    status = 400
+    code = "refused"
+
+
+class OutsideStorageRootError(RefusedError):
+    """A path is not inside one of the host's storage roots."""
+
+    code = "outside-storage-root"
+
+
+class AuthError(FerryError):
+    """The caller did not prove an identity the agent accepts."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class NotFoundError(FerryError):
+    """The named object does not exist."""
+
+    status = 404
+    code = "not-found"
+
+
+class ConflictError(FerryError):
+    """The request conflicts with the current state (duplicate name, wrong VM state)."""
+
+    status = 409
+    code = "conflict"
+
+
+class InsufficientResourcesError(FerryError):
+    """The host lacks the memory or disk the request needs."""
+
+    status = 409
+    code = "insufficient-resources"
+
+
+class HostError(FerryError):
+    """The host failed to carry out a valid request."""
+
+    status = 500
+    code = "host-error"
+
+
+class UnreachableError(FerryError):
+    """The agent could not be reached or refused the TLS handshake."""
+
+    status = 503
+    code = "unreachable"
+
+
+_BY_CODE: dict[str, type[FerryError]] = {
+    cls.code: cls
+    for cls in (
+        FerryError,
+        RefusedError,
+        OutsideStorageRootError,
+        AuthError,
+        NotFoundError,
+        ConflictError,
+        InsufficientResourcesError,
+        HostError,
+        UnreachableError,
+    )
+}
+
+
+def error_from_dict(body: dict[str, Any]) -> FerryError:
+    """Rebuild the error an API body describes (used by the client)."""
+    cls = _BY_CODE.get(str(body.get("code", "error")), FerryError)
+    return cls(
+        str(body.get("message", "unknown error")), field=body.get("field"), fix=body.get("fix")
+    )

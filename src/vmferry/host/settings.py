@@ -1,0 +1,110 @@
+"""Host settings: accelerator, storage roots, virtual switches, memory reserve."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from vmferry.errors import RefusedError
+
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+SWITCH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm exists and can be opened read-write."""
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+class SwitchSpec(BaseModel):
+    """A virtual switch: a Linux bridge, optionally uplinked to a physical interface."""
+
+    bridge: str
+    uplink: str | None = None
+
+    @field_validator("bridge", "uplink")
+    @classmethod
+    def _ifname(cls, v: str | None) -> str | None:
+        if v is not None and not IFNAME_RE.match(v):
+            raise ValueError("must be a Linux interface name: 1-15 of A-Z a-z 0-9 _ . -")
+        return v
+
+
+class HostSettings(BaseModel):
+    """Everything an admin sets on one host (``ferry host set``)."""
+
+    name: str = Field(default_factory=socket.gethostname)
+    accelerator: Literal["kvm", "tcg"] = Field(
+        default_factory=lambda: "kvm" if kvm_usable() else "tcg"
+    )
+    storage_roots: list[str] = Field(default_factory=list)
+    switches: dict[str, SwitchSpec] = Field(default_factory=dict)
+    memory_reserve_mib: int = Field(default=512, ge=0)
+
+    @field_validator("storage_roots")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        for root in v:
+            if not os.path.isabs(root):
+                raise ValueError(f"storage root {root!r} must be an absolute path")
+        return [os.path.normpath(r) for r in v]
+
+    @field_validator("switches")
+    @classmethod
+    def _switch_names(cls, v: dict[str, SwitchSpec]) -> dict[str, SwitchSpec]:
+        for name in v:
+            if not SWITCH_NAME_RE.match(name):
+                raise ValueError(f"switch name {name!r}: use 1-32 of A-Z a-z 0-9 _ - ")
+        return v
+
+
+class HostSettingsUpdate(BaseModel):
+    """A partial update; fields left out keep their value."""
+
+    accelerator: Literal["kvm", "tcg"] | None = None
+    storage_roots: list[str] | None = None
+    switches: dict[str, SwitchSpec] | None = None
+    memory_reserve_mib: int | None = Field(default=None, ge=0)
+
+
+class SettingsStore:
+    """Loads and saves ``settings.json`` in the host's state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "settings.json"
+
+    def load(self) -> HostSettings:
+        """The saved settings, or defaults when none were saved yet."""
+        if self.path.exists():
+            return HostSettings.model_validate(json.loads(self.path.read_text()))
+        return HostSettings()
+
+    def save(self, settings: HostSettings) -> None:
+        """Write the settings atomically."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(settings.model_dump_json(indent=2))
+        os.replace(tmp, self.path)
+
+
+def merged(current: HostSettings, update: HostSettingsUpdate) -> HostSettings:
+    """Apply ``update`` to ``current`` and validate the result (raises RefusedError)."""
+    data = current.model_dump()
+    data.update(update.model_dump(exclude_none=True))
+    try:
+        result = HostSettings.model_validate(data)
+    except ValueError as exc:
+        raise RefusedError(str(exc), field="settings") from exc
+    for root in result.storage_roots:
+        if not Path(root).is_dir():
+            raise RefusedError(
+                f"storage root {root} does not exist",
+                field="storage_roots",
+                fix=f"create it first (mkdir -p {root})",
+            )
+    return result

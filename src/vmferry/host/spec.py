@@ -1,0 +1,168 @@
+"""VM specifications: what an admin declares, and what the host stores beside the disks."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+import uuid as uuidlib
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+-]{0,127}$")
+PROBE_ROLES = ("heartbeat", "udpecho", "tcpecho", "dirty", "disk", "power")
+CONFIG_FILE = "vm.json"
+STATE_FILE = "saved.vmstate"
+
+
+def check_vm_name(name: str) -> str:
+    """Validate a VM name; raise ValueError with the rule when it is malformed."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            "must be 1-63 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
+        )
+    return name
+
+
+class DiskCreate(BaseModel):
+    """A new qcow2 disk to create with the VM."""
+
+    name: str | None = None
+    size_mib: int = Field(ge=1, le=16 * 1024 * 1024)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not DISK_NAME_RE.match(v):
+            raise ValueError("disk name: 1-32 of A-Z a-z 0-9 _ -")
+        return v
+
+
+class NicCreate(BaseModel):
+    """A NIC on a named virtual switch; the MAC is generated when left out."""
+
+    switch: str
+    mac: str | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.lower()
+        if not MAC_RE.match(v):
+            raise ValueError("MAC must look like 52:54:00:12:34:56")
+        if int(v[:2], 16) & 1:
+            raise ValueError("MAC must be unicast (first octet even)")
+        return v
+
+
+class ProbeSpec(BaseModel):
+    """The lab guest: its address and the probe roles it runs (kernel command line)."""
+
+    ip: str | None = None
+    gateway: str | None = None
+    roles: list[str] = Field(default_factory=lambda: ["heartbeat", "udpecho", "tcpecho", "power"])
+    dirty: str | None = None
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        if v is not None:
+            iface = ipaddress.ip_interface(v)
+            if iface.version != 4 or "/" not in v:
+                raise ValueError("ip must be IPv4 with a prefix length, e.g. 198.18.2.11/24")
+        return v
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        bad = [r for r in v if r not in PROBE_ROLES]
+        if bad:
+            raise ValueError(f"unknown probe role {bad[0]!r}; roles: {', '.join(PROBE_ROLES)}")
+        return v
+
+    @field_validator("dirty")
+    @classmethod
+    def _dirty(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^\d+[KMG]?@\d+[KMG]?$", v):
+            raise ValueError("dirty must be SIZE@RATE, e.g. 128M@0 (0 = as fast as possible)")
+        return v
+
+
+class BootSpec(BaseModel):
+    """How the VM boots: the built-in probe guest, a kernel + initrd, or its first disk."""
+
+    kind: Literal["probe", "kernel", "disk"] = "probe"
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+    @model_validator(mode="after")
+    def _kernel_needed(self) -> BootSpec:
+        if self.kind == "kernel" and not self.kernel:
+            raise ValueError("boot kind 'kernel' needs boot.kernel (a path to a kernel image)")
+        return self
+
+
+class VMCreate(BaseModel):
+    """A request to create a VM (``POST /v1/vms``)."""
+
+    name: str
+    memory_mib: int = Field(default=256)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    cpu_model: str = "qemu64"
+    disks: list[DiskCreate] = Field(default_factory=list)
+    nics: list[NicCreate] = Field(default_factory=list)
+    boot: BootSpec = Field(default_factory=BootSpec)
+    probe: ProbeSpec | None = None
+    storage_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_vm_name(v)
+
+    @field_validator("cpu_model")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if not CPU_MODEL_RE.match(v):
+            raise ValueError("cpu_model must be a QEMU CPU model name such as qemu64 or host")
+        return v
+
+
+class DiskSpec(BaseModel):
+    """A disk as stored in the VM's configuration."""
+
+    name: str
+    file: str
+    size_mib: int
+    fmt: str = "qcow2"
+
+
+class NicSpec(BaseModel):
+    """A NIC as stored in the VM's configuration."""
+
+    switch: str
+    mac: str
+
+
+class VMSpec(BaseModel):
+    """The VM's configuration file (``vm.json`` in the VM's storage folder)."""
+
+    format: int = 1
+    name: str
+    uuid: str = Field(default_factory=lambda: str(uuidlib.uuid4()))
+    memory_mib: int
+    vcpus: int
+    cpu_model: str
+    storage_dir: str
+    disks: list[DiskSpec] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=list)
+    boot: BootSpec = Field(default_factory=BootSpec)
+    probe: ProbeSpec | None = None
+    created_at: float = Field(default_factory=time.time)

@@ -1,0 +1,776 @@
+"""VM lifecycle on one host: create, start, stop, shutdown, pause, resume, save, restore, delete.
+
+QEMU runs as a daemon that outlives the agent. What the agent knows about a VM lives in two
+places: the configuration (``vm.json`` beside the disks, so another host can take the VM over from
+shared storage) and a runtime record in the host's state directory (pid + start time, what the
+admin last asked for). On start the agent reattaches to running QEMUs from those records and
+reports a VM whose QEMU vanished as crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from vmferry.errors import (
+    ConflictError,
+    HostError,
+    InsufficientResourcesError,
+    NotFoundError,
+    RefusedError,
+)
+from vmferry.host import network
+from vmferry.host.settings import HostSettings
+from vmferry.host.spec import (
+    CONFIG_FILE,
+    STATE_FILE,
+    DiskSpec,
+    NicSpec,
+    VMCreate,
+    VMSpec,
+)
+from vmferry.host.storage import resolve_under_roots
+from vmferry.qemu import DiskDrive, NetTap, QemuConfig, QemuProcess, build_argv, spawn_daemon
+from vmferry.qemu.process import QemuStartError
+from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session, wait_for_socket
+
+log = logging.getLogger("vmferry.host")
+
+#: Raised QEMU's 128 MiB/s default so saving and migrating are not throttled by accident.
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+class VMState(StrEnum):
+    """What a VM is doing, as admins see it."""
+
+    OFF = "off"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTTING_DOWN = "shutting-down"
+    STOPPING = "stopping"
+    SAVING = "saving"
+    SAVED = "saved"
+    RESTORING = "restoring"
+    CRASHED = "crashed"
+
+
+@dataclass
+class Runtime:
+    """The host-local runtime record of one VM (``run/<id>/runtime.json``)."""
+
+    expected: str = VMState.OFF.value
+    pid: int | None = None
+    start_time: int | None = None
+    started_at: float | None = None
+    saved_paused: bool = False
+    crashed_at: float | None = None
+    taps: list[str] = field(default_factory=list)
+
+    def process(self) -> QemuProcess | None:
+        """The recorded QEMU process, if one was recorded."""
+        if self.pid is None or self.start_time is None:
+            return None
+        return QemuProcess(self.pid, self.start_time)
+
+
+class VMInfo(BaseModel):
+    """What ``ferry vm show`` prints."""
+
+    name: str
+    uuid: str
+    host: str
+    state: VMState
+    memory_mib: int
+    vcpus: int
+    cpu_model: str
+    pid: int | None
+    uptime_s: float | None
+    storage_dir: str
+    disks: list[DiskSpec]
+    nics: list[NicSpec]
+    ip: str | None
+    boot: str
+
+
+ImageProvider = Callable[[], tuple[Path, Path]]
+
+
+def default_image() -> tuple[Path, Path]:
+    from vmferry.guest import build_image
+
+    img = build_image()
+    return img.kernel, img.initrd
+
+
+def meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        out[key] = int(rest.split()[0]) // 1024  # MiB
+    return out
+
+
+class VMManager:
+    """Owns the VMs of one host."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        settings: Callable[[], HostSettings],
+        image: ImageProvider = default_image,
+    ) -> None:
+        self.state_dir = state_dir
+        self._settings = settings
+        self._image = image
+        self._registry_path = state_dir / "vms.json"
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._busy: dict[str, VMState] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        (state_dir / "run").mkdir(parents=True, exist_ok=True)
+
+    # -- records ---------------------------------------------------------------------------
+    def _registry(self) -> dict[str, str]:
+        if not self._registry_path.exists():
+            return {}
+        data: dict[str, str] = json.loads(self._registry_path.read_text())
+        return data
+
+    def _write_registry(self, reg: dict[str, str]) -> None:
+        tmp = self._registry_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(reg, indent=2, sort_keys=True))
+        os.replace(tmp, self._registry_path)
+
+    def _spec(self, name: str) -> VMSpec:
+        path = self._registry().get(name)
+        if path is None:
+            raise NotFoundError(
+                f"no VM named {name!r} on this host", field="name", fix="see ferry vm list"
+            )
+        try:
+            return VMSpec.model_validate_json(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise HostError(f"configuration of VM {name!r} is missing: {path}") from exc
+
+    def _run_dir(self, spec: VMSpec) -> Path:
+        return self.state_dir / "run" / spec.uuid.replace("-", "")[:12]
+
+    def _runtime(self, spec: VMSpec) -> Runtime:
+        path = self._run_dir(spec) / "runtime.json"
+        if not path.exists():
+            return Runtime()
+        return Runtime(**json.loads(path.read_text()))
+
+    def _save_runtime(self, spec: VMSpec, rt: Runtime) -> None:
+        run = self._run_dir(spec)
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = run / "runtime.json.tmp"
+        tmp.write_text(json.dumps(asdict(rt)))
+        os.replace(tmp, run / "runtime.json")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # -- state -----------------------------------------------------------------------------
+    def _state(self, spec: VMSpec, rt: Runtime) -> VMState:
+        busy = self._busy.get(spec.name)
+        if busy is not None:
+            return busy
+        proc = rt.process()
+        alive = proc is not None and proc.alive()
+        expected = VMState(rt.expected)
+        if expected in (VMState.RUNNING, VMState.PAUSED, VMState.STARTING) and not alive:
+            return VMState.CRASHED
+        if expected in (VMState.OFF, VMState.SAVED, VMState.CRASHED) and alive:
+            return VMState.RUNNING  # should not happen; a live QEMU is never hidden
+        return expected
+
+    def info(self, name: str) -> VMInfo:
+        """The current state of one VM."""
+        spec = self._spec(name)
+        return self._info(spec)
+
+    def _info(self, spec: VMSpec) -> VMInfo:
+        rt = self._runtime(spec)
+        state = self._state(spec, rt)
+        live = state in (VMState.RUNNING, VMState.PAUSED, VMState.SHUTTING_DOWN, VMState.SAVING)
+        return VMInfo(
+            name=spec.name,
+            uuid=spec.uuid,
+            host=self._settings().name,
+            state=state,
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            cpu_model=spec.cpu_model,
+            pid=rt.pid if live else None,
+            uptime_s=round(time.time() - rt.started_at, 1) if live and rt.started_at else None,
+            storage_dir=spec.storage_dir,
+            disks=spec.disks,
+            nics=spec.nics,
+            ip=spec.probe.ip if spec.probe else None,
+            boot=spec.boot.kind,
+        )
+
+    def list(self) -> list[VMInfo]:
+        """Every VM registered on this host, by name."""
+        out = []
+        for name in sorted(self._registry()):
+            try:
+                out.append(self.info(name))
+            except HostError as exc:
+                log.warning("VM %s: %s", name, exc)
+        return out
+
+    def committed_mib(self) -> int:
+        """Memory of the VMs whose QEMU is alive."""
+        total = 0
+        for name in self._registry():
+            try:
+                spec = self._spec(name)
+            except HostError:
+                continue
+            proc = self._runtime(spec).process()
+            if proc is not None and proc.alive():
+                total += spec.memory_mib
+        return total
+
+    def free_memory_mib(self) -> int:
+        """Memory a new VM may use: what is not committed to VMs nor reserved, nor in use."""
+        mem = meminfo()
+        reserve = self._settings().memory_reserve_mib
+        return max(0, min(mem["MemAvailable"], mem["MemTotal"] - self.committed_mib()) - reserve)
+
+    # -- create / delete -------------------------------------------------------------------
+    async def create(self, req: VMCreate) -> VMInfo:
+        """Create a VM (configuration + disks); it stays off."""
+        async with self._lock(req.name):
+            settings = self._settings()
+            if req.name in self._registry():
+                raise ConflictError(
+                    f"a VM named {req.name!r} already exists on this host",
+                    field="name",
+                    fix="pick another name or delete the existing VM",
+                )
+            if req.memory_mib < 16:
+                raise RefusedError(
+                    f"memory_mib {req.memory_mib} is too small",
+                    field="memory_mib",
+                    fix="give at least 16 MiB",
+                )
+            free = self.free_memory_mib()
+            if req.memory_mib > free:
+                raise InsufficientResourcesError(
+                    f"memory_mib {req.memory_mib} is more than this host's free memory "
+                    f"({free} MiB after the {settings.memory_reserve_mib} MiB reserve)",
+                    field="memory_mib",
+                    fix="ask for less memory or free some on the host",
+                )
+            for i, nic in enumerate(req.nics):
+                if nic.switch not in settings.switches:
+                    known = ", ".join(sorted(settings.switches)) or "none"
+                    raise RefusedError(
+                        f"nics[{i}].switch: no virtual switch named {nic.switch!r} "
+                        f"on this host (switches: {known})",
+                        field=f"nics[{i}].switch",
+                        fix="ferry host set --switch NAME=BRIDGE adds one",
+                    )
+            storage_dir = resolve_under_roots(
+                req.storage_dir or req.name, settings.storage_roots, "storage_dir"
+            )
+            if storage_dir.exists() and (storage_dir / CONFIG_FILE).exists():
+                raise ConflictError(
+                    f"{storage_dir} already holds a VM configuration",
+                    field="storage_dir",
+                    fix="pick another storage_dir, or import that VM",
+                )
+            if req.boot.kind == "kernel":
+                for fld, val in (
+                    ("boot.kernel", req.boot.kernel),
+                    ("boot.initrd", req.boot.initrd),
+                ):
+                    if val and not Path(val).is_file():
+                        raise RefusedError(
+                            f"{fld}: no file {val}",
+                            field=fld,
+                            fix="give a path to an existing file",
+                        )
+            used_macs = self._used_macs()
+            nics = []
+            for i, nic in enumerate(req.nics):
+                mac = nic.mac or self._new_mac(used_macs)
+                if mac in used_macs:
+                    raise ConflictError(
+                        f"nics[{i}].mac {mac} is already used on this host",
+                        field=f"nics[{i}].mac",
+                        fix="leave mac out to get a generated one",
+                    )
+                used_macs.add(mac)
+                nics.append(NicSpec(switch=nic.switch, mac=mac))
+            disks = []
+            names = set()
+            for i, want in enumerate(req.disks):
+                dname = want.name or f"disk{i}"
+                if dname in names:
+                    raise RefusedError(
+                        f"disks[{i}].name {dname!r} is used twice", field=f"disks[{i}].name"
+                    )
+                names.add(dname)
+                disks.append(DiskSpec(name=dname, file=f"{dname}.qcow2", size_mib=want.size_mib))
+            spec = VMSpec(
+                name=req.name,
+                memory_mib=req.memory_mib,
+                vcpus=req.vcpus,
+                cpu_model=req.cpu_model,
+                storage_dir=str(storage_dir),
+                disks=disks,
+                nics=nics,
+                boot=req.boot,
+                probe=req.probe,
+            )
+            created_dir = not storage_dir.exists()
+            made: list[Path] = []
+            try:
+                storage_dir.mkdir(parents=True, exist_ok=True)
+                for d in disks:
+                    path = storage_dir / d.file
+                    if path.exists():
+                        raise ConflictError(f"disk file {path} already exists", field="disks")
+                    made.append(path)
+                    await _run(
+                        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{d.size_mib}M"]
+                    )
+                cfg = storage_dir / CONFIG_FILE
+                made.append(cfg)
+                cfg.write_text(spec.model_dump_json(indent=2))
+                reg = self._registry()
+                reg[spec.name] = str(cfg)
+                self._write_registry(reg)
+            except BaseException:
+                for p in made:
+                    p.unlink(missing_ok=True)
+                if created_dir:
+                    shutil.rmtree(storage_dir, ignore_errors=True)
+                raise
+            self._save_runtime(spec, Runtime())
+            log.info("created VM %s in %s", spec.name, storage_dir)
+            return self._info(spec)
+
+    def _used_macs(self) -> set[str]:
+        macs: set[str] = set()
+        for name in self._registry():
+            try:
+                macs.update(n.mac for n in self._spec(name).nics)
+            except HostError:
+                continue
+        return macs
+
+    @staticmethod
+    def _new_mac(used: set[str]) -> str:
+        rng = random.SystemRandom()
+        while True:
+            mac = "52:54:00:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(3))
+            if mac not in used:
+                return mac
+
+    async def delete(self, name: str) -> None:
+        """Delete an off, saved or crashed VM: its configuration, disks and saved state."""
+        async with self._lock(name):
+            spec = self._spec(name)
+            rt = self._runtime(spec)
+            state = self._state(spec, rt)
+            if state not in (VMState.OFF, VMState.SAVED, VMState.CRASHED):
+                raise ConflictError(
+                    f"VM {name!r} is {state.value}",
+                    field="name",
+                    fix=f"stop it first: ferry vm stop {name}",
+                )
+            sdir = Path(spec.storage_dir)
+            for d in spec.disks:
+                (sdir / d.file).unlink(missing_ok=True)
+            (sdir / STATE_FILE).unlink(missing_ok=True)
+            (sdir / CONFIG_FILE).unlink(missing_ok=True)
+            try:
+                sdir.rmdir()
+            except OSError:
+                log.info("left %s in place: it holds other files", sdir)
+            shutil.rmtree(self._run_dir(spec), ignore_errors=True)
+            reg = self._registry()
+            reg.pop(name, None)
+            self._write_registry(reg)
+            self._locks.pop(name, None)
+
+    # -- start / stop ----------------------------------------------------------------------
+    def _qemu_config(self, spec: VMSpec, incoming: bool) -> QemuConfig:
+        settings = self._settings()
+        kernel = initrd = None
+        append = None
+        if spec.boot.kind == "probe":
+            from vmferry.guest import guest_cmdline
+
+            kernel, initrd = self._image()
+            p = spec.probe
+            append = guest_cmdline(
+                p.ip if p else None,
+                list(p.roles) if p else ["heartbeat", "udpecho", "tcpecho", "power"],
+                gateway=p.gateway if p else None,
+                hostname=spec.name,
+                dirty=p.dirty if p else None,
+                disk="/dev/vda" if spec.disks else None,
+            )
+        elif spec.boot.kind == "kernel":
+            kernel = Path(spec.boot.kernel or "")
+            initrd = Path(spec.boot.initrd) if spec.boot.initrd else None
+            append = spec.boot.cmdline
+        tag = spec.uuid.replace("-", "")[:8]
+        return QemuConfig(
+            name=spec.name,
+            uuid=spec.uuid,
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            cpu_model=spec.cpu_model,
+            accel=settings.accelerator,
+            run_dir=self._run_dir(spec),
+            kernel=kernel,
+            initrd=initrd,
+            append=append,
+            disks=tuple(
+                DiskDrive(node=f"drv-{d.name}", path=Path(spec.storage_dir) / d.file, fmt=d.fmt)
+                for d in spec.disks
+            ),
+            nics=tuple(
+                NetTap(id=f"net{i}", ifname=f"vf{tag}n{i}", mac=n.mac)
+                for i, n in enumerate(spec.nics)
+            ),
+            incoming=incoming,
+        )
+
+    async def _launch(self, spec: VMSpec, incoming: bool) -> tuple[QemuConfig, Runtime]:
+        """Start QEMU paused (``-S``) with taps bridged; the caller resumes or migrates in."""
+        settings = self._settings()
+        if spec.memory_mib > self.free_memory_mib():
+            raise InsufficientResourcesError(
+                f"VM {spec.name!r} needs {spec.memory_mib} MiB, the host has "
+                f"{self.free_memory_mib()} MiB free",
+                field="memory_mib",
+                fix="stop another VM or lower the VM's memory",
+            )
+        for nic in spec.nics:
+            sw = settings.switches.get(nic.switch)
+            if sw is None:
+                raise RefusedError(
+                    f"virtual switch {nic.switch!r} no longer exists on this host",
+                    field="nics.switch",
+                    fix="ferry host set --switch NAME=BRIDGE",
+                )
+            await asyncio.to_thread(network.ensure_switch, sw.bridge, sw.uplink)
+        cfg = await asyncio.to_thread(self._qemu_config, spec, incoming)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        for sock in (cfg.qmp_socket, cfg.diag_socket):
+            sock.unlink(missing_ok=True)
+        try:
+            proc = await asyncio.to_thread(spawn_daemon, build_argv(cfg), cfg.pidfile)
+        except QemuStartError as exc:
+            raise HostError(f"QEMU failed to start VM {spec.name!r}: {exc}") from exc
+        rt = self._runtime(spec)
+        rt.pid, rt.start_time = proc.pid, proc.start_time
+        rt.expected = VMState.STARTING.value
+        rt.taps = [n.ifname for n in cfg.nics]
+        rt.crashed_at = None
+        self._save_runtime(spec, rt)
+        try:
+            await wait_for_socket(cfg.qmp_socket, 10)
+            for nic, tap in zip(spec.nics, cfg.nics, strict=True):
+                sw = settings.switches[nic.switch]
+                await asyncio.to_thread(network.attach_tap, tap.ifname, sw.bridge)
+        except BaseException:
+            proc.kill()
+            rt.expected = VMState.OFF.value
+            self._save_runtime(spec, rt)
+            raise
+        return cfg, rt
+
+    async def start(self, name: str) -> VMInfo:
+        """Boot an off or crashed VM; a saved VM is restored instead."""
+        spec = self._spec(name)
+        if self._state(spec, self._runtime(spec)) is VMState.SAVED:
+            return await self.restore(name)
+        async with self._lock(name):
+            spec = self._spec(name)
+            rt = self._runtime(spec)
+            state = self._state(spec, rt)
+            if state not in (VMState.OFF, VMState.CRASHED):
+                raise ConflictError(f"VM {name!r} is already {state.value}", field="name")
+            self._busy[name] = VMState.STARTING
+            try:
+                cfg, rt = await self._launch(spec, incoming=False)
+                try:
+                    async with qmp_session(cfg.qmp_socket) as q:
+                        await q.execute("cont")
+                except QmpError as exc:
+                    self._kill(spec, rt)
+                    raise HostError(f"VM {name!r} did not start: {exc}") from exc
+                rt.expected = VMState.RUNNING.value
+                rt.started_at = time.time()
+                self._save_runtime(spec, rt)
+            finally:
+                self._busy.pop(name, None)
+            log.info("started VM %s (pid %s)", name, rt.pid)
+            return self._info(spec)
+
+    def _kill(self, spec: VMSpec, rt: Runtime) -> None:
+        proc = rt.process()
+        if proc is not None:
+            proc.kill()
+        rt.expected = VMState.OFF.value
+        rt.started_at = None
+        self._save_runtime(spec, rt)
+
+    async def _require(self, name: str, *states: VMState) -> tuple[VMSpec, Runtime]:
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        state = self._state(spec, rt)
+        if state not in states:
+            want = " or ".join(s.value for s in states)
+            raise ConflictError(f"VM {name!r} is {state.value}; this needs it {want}", field="name")
+        return spec, rt
+
+    async def stop(self, name: str) -> VMInfo:
+        """Turn the VM off at once (like pulling the plug)."""
+        async with self._lock(name):
+            spec, rt = await self._require(
+                name, VMState.RUNNING, VMState.PAUSED, VMState.CRASHED, VMState.STARTING
+            )
+            self._busy[name] = VMState.STOPPING
+            try:
+                await self._quit(spec, rt)
+            finally:
+                self._busy.pop(name, None)
+            return self._info(spec)
+
+    async def _quit(self, spec: VMSpec, rt: Runtime) -> None:
+        proc = rt.process()
+        if proc is not None and proc.alive():
+            try:
+                async with qmp_session(self._run_dir(spec) / "qmp.sock", timeout=3) as q:
+                    await q.execute("quit")
+            except QmpError as exc:
+                log.warning("VM %s: QMP quit failed (%s); killing QEMU", spec.name, exc)
+            if not await asyncio.to_thread(proc.wait_gone, 5.0):
+                proc.kill()
+        rt.expected = VMState.OFF.value
+        rt.started_at = None
+        self._save_runtime(spec, rt)
+
+    async def shutdown(self, name: str, timeout: float = 60.0) -> VMInfo:
+        """ACPI power-button shutdown; turned off by force when the guest ignores it."""
+        async with self._lock(name):
+            spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
+            self._busy[name] = VMState.SHUTTING_DOWN
+            sock = self._run_dir(spec) / "qmp.sock"
+            try:
+                graceful = False
+                try:
+                    async with qmp_session(sock) as q:
+                        if await q.status() == "paused":
+                            await q.execute("cont")
+                        await q.execute("system_powerdown")
+                        deadline = time.monotonic() + timeout
+                        while time.monotonic() < deadline:
+                            if await q.status() == "shutdown":
+                                graceful = True
+                                break
+                            await asyncio.sleep(0.2)
+                except QmpError as exc:
+                    log.warning("VM %s: ACPI shutdown failed: %s", name, exc)
+                if not graceful:
+                    log.warning(
+                        "VM %s ignored the ACPI shutdown for %.0f s; forcing", name, timeout
+                    )
+                await self._quit(spec, rt)
+            finally:
+                self._busy.pop(name, None)
+            return self._info(spec)
+
+    async def pause(self, name: str) -> VMInfo:
+        """Freeze the VM's vCPUs (it keeps its memory)."""
+        async with self._lock(name):
+            spec, rt = await self._require(name, VMState.RUNNING)
+            await self._qmp(spec, "stop")
+            rt.expected = VMState.PAUSED.value
+            self._save_runtime(spec, rt)
+            return self._info(spec)
+
+    async def resume(self, name: str) -> VMInfo:
+        """Continue a paused VM."""
+        async with self._lock(name):
+            spec, rt = await self._require(name, VMState.PAUSED)
+            await self._qmp(spec, "cont")
+            rt.expected = VMState.RUNNING.value
+            self._save_runtime(spec, rt)
+            return self._info(spec)
+
+    async def _qmp(self, spec: VMSpec, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            async with qmp_session(self._run_dir(spec) / "qmp.sock") as q:
+                return await q.execute(cmd, args)
+        except QmpError as exc:
+            raise HostError(f"VM {spec.name!r}: {exc}") from exc
+
+    # -- save / restore --------------------------------------------------------------------
+    async def save(self, name: str) -> VMInfo:
+        """Write the VM's memory and device state to its storage folder and turn it off."""
+        async with self._lock(name):
+            spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
+            was_paused = self._state(spec, rt) is VMState.PAUSED
+            final = Path(spec.storage_dir) / STATE_FILE
+            tmp = final.with_suffix(".tmp")
+            self._busy[name] = VMState.SAVING
+            try:
+                async with qmp_session(self._run_dir(spec) / "qmp.sock") as q:
+                    if not was_paused:
+                        await q.execute("stop")
+                    try:
+                        with open(tmp, "wb") as fh:
+                            await q.execute(
+                                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
+                            )
+                            await q.send_fd(fh.fileno(), "savestate")
+                            await q.execute("migrate", {"uri": "fd:savestate"})
+                            await _wait_migration(q, timeout=600)
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        if not was_paused:
+                            await q.execute("cont")
+                        raise
+                os.replace(tmp, final)
+                await self._quit(spec, rt)
+                rt.expected = VMState.SAVED.value
+                rt.saved_paused = was_paused
+                self._save_runtime(spec, rt)
+            except QmpError as exc:
+                raise HostError(f"saving VM {name!r} failed: {exc}; it keeps running") from exc
+            finally:
+                self._busy.pop(name, None)
+            log.info("saved VM %s to %s", name, final)
+            return self._info(spec)
+
+    async def restore(self, name: str) -> VMInfo:
+        """Bring a saved VM back exactly where it was (no reboot); the state file is consumed."""
+        async with self._lock(name):
+            spec, rt = await self._require(name, VMState.SAVED)
+            state_file = Path(spec.storage_dir) / STATE_FILE
+            if not state_file.exists():
+                raise HostError(
+                    f"saved state of VM {name!r} is missing ({state_file})",
+                    fix=f"discard it with: ferry vm delete {name}, or start it from off",
+                )
+            self._busy[name] = VMState.RESTORING
+            try:
+                cfg, rt = await self._launch(spec, incoming=True)
+                try:
+                    async with qmp_session(cfg.qmp_socket) as q:
+                        with open(state_file, "rb") as fh:
+                            await q.send_fd(fh.fileno(), "loadstate")
+                            await q.execute("migrate-incoming", {"uri": "fd:loadstate"})
+                            await _wait_migration(q, timeout=600)
+                        if not rt.saved_paused:
+                            await q.execute("cont")
+                except QmpError as exc:
+                    self._kill(spec, rt)
+                    rt.expected = VMState.SAVED.value
+                    self._save_runtime(spec, rt)
+                    raise HostError(
+                        f"restoring VM {name!r} failed: {exc}; its saved state is kept"
+                    ) from exc
+                rt.expected = (VMState.PAUSED if rt.saved_paused else VMState.RUNNING).value
+                rt.started_at = time.time()
+                self._save_runtime(spec, rt)
+                state_file.unlink(missing_ok=True)
+            finally:
+                self._busy.pop(name, None)
+            log.info("restored VM %s", name)
+            return self._info(spec)
+
+    # -- monitor ---------------------------------------------------------------------------
+    def start_monitor(self, interval: float = 1.0) -> None:
+        """Watch for guests that powered off and QEMUs that died."""
+        self._monitor = asyncio.get_running_loop().create_task(self._watch(interval))
+
+    async def stop_monitor(self) -> None:
+        """Stop watching (VMs keep running)."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+
+    async def _watch(self, interval: float) -> None:
+        while True:
+            for name in list(self._registry()):
+                try:
+                    await self._check(name)
+                except Exception as exc:  # the watcher must never die
+                    log.warning("monitor: VM %s: %s", name, exc)
+            await asyncio.sleep(interval)
+
+    async def _check(self, name: str) -> None:
+        lock = self._lock(name)
+        if lock.locked():
+            return
+        async with lock:
+            spec = self._spec(name)
+            rt = self._runtime(spec)
+            if rt.expected not in (VMState.RUNNING.value, VMState.PAUSED.value):
+                return
+            proc = rt.process()
+            if proc is None or not proc.alive():
+                if rt.crashed_at is None:
+                    rt.crashed_at = time.time()
+                    self._save_runtime(spec, rt)
+                    log.error("VM %s crashed: QEMU pid %s is gone", name, rt.pid)
+                return
+            try:
+                async with qmp_session(self._run_dir(spec) / "qmp.sock", timeout=3) as q:
+                    status = await q.status()
+            except QmpError:
+                return
+            if status == "shutdown":
+                log.info("VM %s powered itself off", name)
+                await self._quit(spec, rt)
+
+
+async def _wait_migration(q: QmpSession, timeout: float) -> None:
+    """Poll query-migrate until the save/restore stream completes; raise on failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await q.execute("query-migrate")
+        status = info.get("status", "none")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QmpError(f"migration stream {status}: {info.get('error-desc', 'no detail')}")
+        await asyncio.sleep(0.05)
+    raise QmpError(f"migration stream did not finish within {timeout:.0f} s")
+
+
+async def _run(argv: list[str]) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise HostError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")

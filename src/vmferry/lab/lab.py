@@ -1,0 +1,315 @@
+"""The lab: N vmferry hosts on one machine, each a network namespace running its own ferryd.
+
+``Lab.up`` builds the network (:mod:`vmferry.lab.net`), a CA with a certificate per agent and
+one for the admin, a state directory and storage per host, a shared volume every host sees,
+starts the agents and writes the client configuration so ``ferry --host h1 ...`` works.
+``Lab.down`` removes all of it from the lab's own records, also after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vmferry.client import (
+    FerryClient,
+    FerryError,
+    HostEndpoint,
+    load_config,
+    save_config,
+)
+from vmferry.errors import ConflictError, HostError, RefusedError
+from vmferry.lab import net
+from vmferry.lab.procs import spawn_in_netns, stop_pid
+from vmferry.lab.records import LabRecords, pid_matches
+from vmferry.qemu import QemuProcess
+from vmferry.security import CertificateAuthority
+
+log = logging.getLogger("vmferry.lab")
+
+AGENT_PORT = 7443
+EXTERNAL_SWITCH = "external"
+HOST_BRIDGE = "br-ext"
+
+
+def default_lab_dir() -> Path:
+    """``$VMFERRY_LAB_DIR``, else ``/var/tmp/vmferry-lab``."""
+    return Path(os.environ.get("VMFERRY_LAB_DIR", "/var/tmp/vmferry-lab"))
+
+
+class Lab:
+    """One lab, kept in one directory."""
+
+    def __init__(self, lab_dir: Path | None = None) -> None:
+        self.dir = (lab_dir or default_lab_dir()).absolute()
+        self.state_path = self.dir / "lab.json"
+
+    # -- queries ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            raise RefusedError(f"no lab is up in {self.dir}", fix="run: ferry lab up")
+        data: dict[str, Any] = json.loads(self.state_path.read_text())
+        return data
+
+    def topology(self) -> net.Topology:
+        """The network of the running lab."""
+        return net.Topology.from_json(self._state()["topology"])
+
+    def endpoint(self, host: str) -> HostEndpoint:
+        """How to reach the agent of lab host ``host``."""
+        ep = self._state()["endpoints"].get(host)
+        if ep is None:
+            raise RefusedError(f"no lab host {host!r}", field="host")
+        return HostEndpoint.model_validate(ep)
+
+    def client(self, host: str) -> FerryClient:
+        """A client for the agent of ``host`` (checks the address routes via the lab)."""
+        topo = self.topology()
+        net.check_lab_route(topo, topo.host(host).mgmt_ip)
+        return FerryClient(self.endpoint(host))
+
+    def host_dir(self, host: str) -> Path:
+        """The directory of one lab host (state, storage, logs)."""
+        return self.dir / "hosts" / host
+
+    @property
+    def shared_dir(self) -> Path:
+        """The shared volume every lab host sees."""
+        return self.dir / "shared"
+
+    def status(self) -> dict[str, Any]:
+        """Hosts, addresses and whether each agent answers."""
+        st = self._state()
+        topo = net.Topology.from_json(st["topology"])
+        hosts = []
+        for h in topo.hosts:
+            agent = "down"
+            try:
+                with self.client(h.name) as c:
+                    c.health()
+                    agent = "up"
+            except (FerryError, net.LabNetError) as exc:
+                agent = f"down ({exc})"
+            hosts.append({**h.__dict__, "agent": agent})
+        return {
+            "dir": str(self.dir),
+            "tag": topo.tag,
+            "hosts": hosts,
+            "client_netns": topo.client_netns,
+            "client_ip": topo.client_ip,
+            "vm_cidr": topo.vm_cidr,
+            "mgmt_cidr": topo.mgmt_cidr,
+            "migration_cidr": topo.migration_cidr,
+            "link_rate": topo.link_rate,
+            "shared_dir": str(self.shared_dir),
+        }
+
+    # -- up ----------------------------------------------------------------------------------
+    def up(
+        self, n_hosts: int = 2, link_rate: str | None = None, agent_timeout: float = 30
+    ) -> dict[str, Any]:
+        """Build the lab and start every agent; a failed up is torn down again."""
+        if self.state_path.exists():
+            raise ConflictError(
+                f"a lab is already up in {self.dir}", fix="run ferry lab down first"
+            )
+        if os.geteuid() != 0:
+            raise RefusedError("the lab needs root (network namespaces, bridges, taps)")
+        if (self.dir / "records.jsonl").exists():
+            log.info("tearing down what a half-finished lab left in %s", self.dir)
+            self.down()
+        if link_rate is not None:
+            try:
+                net.parse_rate(link_rate)
+            except (ValueError, net.LabNetError) as exc:
+                raise RefusedError(
+                    f"--link {link_rate!r} is not a rate", field="--link", fix="e.g. 1gbit, 500mbit"
+                ) from exc
+        from vmferry.guest import build_image
+
+        build_image()  # before the network: a cold build downloads the kernel
+        self.dir.mkdir(parents=True, exist_ok=True)
+        records = LabRecords(self.dir)
+        try:
+            return self._up(records, n_hosts, link_rate, agent_timeout)
+        except BaseException:
+            log.error("lab up failed; removing what it made")
+            self.down()
+            raise
+
+    def _up(
+        self, records: LabRecords, n_hosts: int, link_rate: str | None, agent_timeout: float
+    ) -> dict[str, Any]:
+        records.add("dir", path=str(self.dir / "hosts"))
+        records.add("dir", path=str(self.shared_dir))
+        records.add("dir", path=str(self.dir / "pki"))
+        tag = secrets.token_hex(2)
+        try:
+            index = net.choose_index(set())
+            topo = net.build(self.dir, records, n_hosts, link_rate, index, tag)
+        except net.LabNetError as exc:
+            raise HostError(f"lab network: {exc}") from exc
+        ca = CertificateAuthority.create(self.dir / "pki", f"vmferry lab {tag} CA")
+        admin = ca.issue(self.dir / "pki", "admin")
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        endpoints: dict[str, dict[str, Any]] = {}
+        for h in topo.hosts:
+            hdir = self.host_dir(h.name)
+            state = hdir / "state"
+            storage = hdir / "storage"
+            state.mkdir(parents=True, exist_ok=True)
+            storage.mkdir(parents=True, exist_ok=True)
+            server = ca.issue(hdir / "tls", h.name, server_names=[h.mgmt_ip, h.name])
+            settings = {
+                "name": h.name,
+                "accelerator": "tcg",
+                "storage_roots": [str(storage), str(self.shared_dir)],
+                "switches": {EXTERNAL_SWITCH: {"bridge": HOST_BRIDGE, "uplink": h.uplink}},
+                "memory_reserve_mib": 256,
+            }
+            (state / "settings.json").write_text(json.dumps(settings, indent=2))
+            argv = [
+                sys.executable, "-m", "vmferry.api.server",
+                "--state-dir", str(state),
+                "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
+                "--tls-cert", str(server.cert),
+                "--tls-key", str(server.key),
+                "--tls-ca", str(ca.cert_path),
+            ]  # fmt: skip
+            spawn_in_netns(records, h.netns, argv, hdir / "ferryd.log", f"ferryd {h.name}")
+            endpoints[h.name] = HostEndpoint(
+                url=f"https://{h.mgmt_ip}:{AGENT_PORT}",
+                ca=str(ca.cert_path),
+                cert=str(admin.cert),
+                key=str(admin.key),
+            ).model_dump()
+        state_doc = {
+            "topology": topo.to_json(),
+            "endpoints": endpoints,
+            "created_at": time.time(),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state_doc, indent=2))
+        os.replace(tmp, self.state_path)
+        for h in topo.hosts:
+            self._wait_agent(h.name, agent_timeout)
+        self._register_client_config(endpoints)
+        return self.status()
+
+    def _wait_agent(self, host: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with self.client(host) as c:
+                    c.health()
+                    return
+            except FerryError as exc:
+                last = exc
+                time.sleep(0.2)
+        logf = self.host_dir(host) / "ferryd.log"
+        tail = logf.read_text()[-2000:] if logf.exists() else ""
+        raise HostError(f"ferryd on {host} did not answer within {timeout:.0f} s: {last}\n{tail}")
+
+    def _register_client_config(self, endpoints: dict[str, dict[str, Any]]) -> None:
+        cfg = load_config()
+        for name, ep in endpoints.items():
+            cfg.hosts[name] = HostEndpoint.model_validate(ep)
+        if cfg.default_host is None:
+            cfg.default_host = "h1"
+        path = save_config(cfg)
+        st = self._state()
+        st["client_config"] = str(path)
+        self.state_path.write_text(json.dumps(st, indent=2))
+
+    # -- down --------------------------------------------------------------------------------
+    def _qemu_processes(self) -> list[QemuProcess]:
+        found = []
+        for rt in (self.dir / "hosts").glob("*/state/run/*/runtime.json"):
+            try:
+                data = json.loads(rt.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("pid") and data.get("start_time"):
+                found.append(QemuProcess(int(data["pid"]), int(data["start_time"])))
+        return found
+
+    def down(self) -> list[str]:
+        """Stop agents and VMs, delete namespaces, links and files the lab recorded."""
+        removed: list[str] = []
+        records = LabRecords(self.dir)
+        entries = records.entries() if self.dir.exists() else []
+        for e in entries:
+            if e.get("kind") == "pid":
+                pid, start = int(e["pid"]), int(e.get("start_time") or 0)
+                if start and pid_matches(pid, start) and stop_pid(pid, start):
+                    removed.append(f"process {pid} ({e.get('what')})")
+        for proc in self._qemu_processes():
+            if proc.alive():
+                proc.kill()
+                removed.append(f"qemu {proc.pid}")
+        removed += net.teardown(records)
+        self._unregister_client_config()
+        for e in entries:
+            if e.get("kind") == "dir":
+                p = Path(str(e["path"]))
+                if p.exists() and p.is_relative_to(self.dir):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(f"dir {p}")
+        for f in ("lab.json", "topology.json"):
+            (self.dir / f).unlink(missing_ok=True)
+        if self.dir.exists():
+            records.clear()
+        return removed
+
+    def _unregister_client_config(self) -> None:
+        if not self.state_path.exists():
+            return
+        try:
+            st = json.loads(self.state_path.read_text())
+        except ValueError:
+            return
+        cfg = load_config()
+        changed = False
+        for name, ep in st.get("endpoints", {}).items():
+            have = cfg.hosts.get(name)
+            if have is not None and have.url == ep["url"]:
+                del cfg.hosts[name]
+                changed = True
+        if cfg.default_host not in cfg.hosts:
+            cfg.default_host = None
+        if changed:
+            save_config(cfg)
+
+
+def _probe_argv(kind: str, ip: str, count: int, interval: float, timeout: float) -> list[str]:
+    return [
+        sys.executable, "-m", "vmferry.lab.probe", kind, ip,
+        "--count", str(count), "--interval", str(interval), "--timeout", str(timeout),
+    ]  # fmt: skip
+
+
+def probe(
+    lab: Lab, kind: str, ip: str, count: int = 5, interval: float = 0.1, timeout: float = 1.0
+) -> dict[str, Any]:
+    """Run a probe from the client namespace against a guest address on the lab's VM network."""
+    import ipaddress
+
+    from vmferry.lab.procs import run_in_netns
+
+    topo = lab.topology()
+    if ipaddress.ip_address(ip) not in ipaddress.ip_network(topo.vm_cidr):
+        raise RefusedError(f"{ip} is not on the lab's VM network {topo.vm_cidr}", field="ip")
+    budget = count * (interval + timeout) + 15
+    done = run_in_netns(topo.client_netns, _probe_argv(kind, ip, count, interval, timeout), budget)
+    if done.returncode != 0:
+        raise HostError(f"probe {kind} {ip} failed: {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
