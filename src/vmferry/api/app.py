@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
-from vmferry.errors import AuthError, FerryError
+from vmferry.errors import AuthError, FerryError, HostError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
 
 log = logging.getLogger("vmferry.api")
@@ -73,6 +73,11 @@ def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
     async def ferry_error(_: Request, exc: FerryError) -> JSONResponse:
         return _error(exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(HostError(f"internal error in ferryd: {exc.__class__.__name__}: {exc}"))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         field, message = _validation_message(exc)
@@ -87,7 +92,7 @@ def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
 
     @app.get("/v1/host")
     async def host_info() -> dict[str, Any]:
-        return host.info()
+        return await host.info()
 
     @app.get("/v1/host/settings")
     async def get_settings() -> HostSettings:

@@ -83,7 +83,7 @@ class Host:
             self.settings = new
             return new
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         """What ``ferry host show`` prints."""
         mem = meminfo()
         cpu = cpu_info()
@@ -96,7 +96,7 @@ class Host:
                 "name": name,
                 "bridge": sw.bridge,
                 "uplink": sw.uplink,
-                "present": network.link_exists(sw.bridge),
+                "present": await asyncio.to_thread(network.link_exists, sw.bridge),
             }
             for name, sw in sorted(self.settings.switches.items())
         ]
