@@ -9,7 +9,7 @@ from vmferry.qemu import DiskDrive, NetTap, QemuConfig, build_argv
 def _cfg(**kw: object) -> QemuConfig:
     base: dict[str, object] = dict(
         name="vm1", uuid="00000000-0000-0000-0000-000000000001", memory_mib=256, vcpus=1,
-        cpu_model="qemu64", accel="tcg", run_dir=Path("/run/x"),
+        cpu_model="qemu64", accel="tcg", run_dir=Path("/var/x"), socket_dir=Path("/run/x"),
     )  # fmt: skip
     base.update(kw)
     return QemuConfig(**base)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
-from vmferry.errors import AuthError, FerryError, HostError
+from vmferry.errors import AuthError, FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
 
 log = logging.getLogger("vmferry.api")
@@ -113,6 +113,12 @@ def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
     @app.get("/v1/vms/{name}")
     async def show_vm(name: str) -> VMInfo:
         return host.vms.info(name)
+
+    @app.get("/v1/vms/{name}/console")
+    async def vm_console(name: str, lines: int = 50) -> dict[str, list[str]]:
+        if not 1 <= lines <= 10_000:
+            raise RefusedError("lines must be 1..10000", field="lines")
+        return {"lines": host.vms.console(name, lines)}
 
     @app.delete("/v1/vms/{name}", status_code=204)
     async def delete_vm(name: str) -> Response:

@@ -244,6 +244,18 @@ def vm_restore(name: str, output: OutputOpt = None) -> None:
     _action(name, "restore", output)
 
 
+@vm_app.command("console")
+def vm_console(
+    name: str,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=10000)] = 50,
+    output: OutputOpt = None,
+) -> None:
+    """Print the tail of a VM's serial console."""
+    with _client() as c:
+        text = c.console(name, lines)
+        _emit(text, output, lambda ls: out.print("\n".join(ls), highlight=False, markup=False))
+
+
 @vm_app.command("delete")
 def vm_delete(name: str) -> None:
     """Delete an off VM with its disks and configuration."""

@@ -101,6 +101,11 @@ class FerryClient:
         result: dict[str, Any] = self.request("POST", "/v1/vms", json=spec)
         return result
 
+    def console(self, name: str, lines: int = 50) -> list[str]:
+        """The tail of the VM's serial console."""
+        result: list[str] = self.request("GET", f"/v1/vms/{name}/console?lines={lines}")["lines"]
+        return result
+
     def delete_vm(self, name: str) -> None:
         """Delete an off VM and its files."""
         self.request("DELETE", f"/v1/vms/{name}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -117,6 +118,12 @@ def default_image() -> tuple[Path, Path]:
     return img.kernel, img.initrd
 
 
+def socket_root(state_dir: Path) -> Path:
+    """Where a host's QMP sockets live: short paths under /run (unix sockets max 107 bytes)."""
+    tag = hashlib.sha256(str(state_dir.absolute()).encode()).hexdigest()[:10]
+    return Path(os.environ.get("VMFERRY_RUN_DIR", "/run/vmferry")) / tag
+
+
 def meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -168,6 +175,12 @@ class VMManager:
 
     def _run_dir(self, spec: VMSpec) -> Path:
         return self.state_dir / "run" / spec.uuid.replace("-", "")[:12]
+
+    def _sock_dir(self, spec: VMSpec) -> Path:
+        return socket_root(self.state_dir) / spec.uuid.replace("-", "")[:12]
+
+    def _qmp_path(self, spec: VMSpec) -> Path:
+        return self._sock_dir(spec) / "qmp.sock"
 
     def _runtime(self, spec: VMSpec) -> Runtime:
         path = self._run_dir(spec) / "runtime.json"
@@ -224,6 +237,19 @@ class VMManager:
             ip=spec.probe.ip if spec.probe else None,
             boot=spec.boot.kind,
         )
+
+    def console(self, name: str, lines: int = 50) -> list[str]:
+        """The last ``lines`` lines the guest wrote to its serial console (all its runs)."""
+        spec = self._spec(name)
+        path = self._run_dir(spec) / "serial.log"
+        if not path.exists():
+            return []
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            text = fh.read().decode(errors="replace")
+        return text.splitlines()[-lines:]
 
     def list(self) -> list[VMInfo]:
         """Every VM registered on this host, by name."""
@@ -408,6 +434,7 @@ class VMManager:
             except OSError:
                 log.info("left %s in place: it holds other files", sdir)
             shutil.rmtree(self._run_dir(spec), ignore_errors=True)
+            shutil.rmtree(self._sock_dir(spec), ignore_errors=True)
             reg = self._registry()
             reg.pop(name, None)
             self._write_registry(reg)
@@ -444,6 +471,7 @@ class VMManager:
             cpu_model=spec.cpu_model,
             accel=settings.accelerator,
             run_dir=self._run_dir(spec),
+            socket_dir=self._sock_dir(spec),
             kernel=kernel,
             initrd=initrd,
             append=append,
@@ -479,6 +507,7 @@ class VMManager:
             await asyncio.to_thread(network.ensure_switch, sw.bridge, sw.uplink)
         cfg = await asyncio.to_thread(self._qemu_config, spec, incoming)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sock in (cfg.qmp_socket, cfg.diag_socket):
             sock.unlink(missing_ok=True)
         try:
@@ -565,7 +594,7 @@ class VMManager:
         proc = rt.process()
         if proc is not None and proc.alive():
             try:
-                async with qmp_session(self._run_dir(spec) / "qmp.sock", timeout=3) as q:
+                async with qmp_session(self._qmp_path(spec), timeout=3) as q:
                     await q.execute("quit")
             except QmpError as exc:
                 log.warning("VM %s: QMP quit failed (%s); killing QEMU", spec.name, exc)
@@ -580,16 +609,21 @@ class VMManager:
         async with self._lock(name):
             spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
             self._busy[name] = VMState.SHUTTING_DOWN
-            sock = self._run_dir(spec) / "qmp.sock"
+            sock = self._qmp_path(spec)
             try:
                 graceful = False
                 try:
                     async with qmp_session(sock) as q:
                         if await q.status() == "paused":
                             await q.execute("cont")
-                        await q.execute("system_powerdown")
                         deadline = time.monotonic() + timeout
+                        next_press = 0.0
                         while time.monotonic() < deadline:
+                            # Press the button again now and then: a guest still booting
+                            # may not have been listening the first time.
+                            if time.monotonic() >= next_press:
+                                await q.execute("system_powerdown")
+                                next_press = time.monotonic() + 5.0
                             if await q.status() == "shutdown":
                                 graceful = True
                                 break
@@ -625,7 +659,7 @@ class VMManager:
 
     async def _qmp(self, spec: VMSpec, cmd: str, args: dict[str, Any] | None = None) -> Any:
         try:
-            async with qmp_session(self._run_dir(spec) / "qmp.sock") as q:
+            async with qmp_session(self._qmp_path(spec)) as q:
                 return await q.execute(cmd, args)
         except QmpError as exc:
             raise HostError(f"VM {spec.name!r}: {exc}") from exc
@@ -640,7 +674,7 @@ class VMManager:
             tmp = final.with_suffix(".tmp")
             self._busy[name] = VMState.SAVING
             try:
-                async with qmp_session(self._run_dir(spec) / "qmp.sock") as q:
+                async with qmp_session(self._qmp_path(spec)) as q:
                     if not was_paused:
                         await q.execute("stop")
                     try:
@@ -745,7 +779,7 @@ class VMManager:
                     log.error("VM %s crashed: QEMU pid %s is gone", name, rt.pid)
                 return
             try:
-                async with qmp_session(self._run_dir(spec) / "qmp.sock", timeout=3) as q:
+                async with qmp_session(self._qmp_path(spec), timeout=3) as q:
                     status = await q.status()
             except QmpError:
                 return

@@ -26,6 +26,7 @@ from vmferry.client import (
     save_config,
 )
 from vmferry.errors import ConflictError, HostError, RefusedError
+from vmferry.host.vms import socket_root
 from vmferry.lab import net
 from vmferry.lab.procs import spawn_in_netns, stop_pid
 from vmferry.lab.records import LabRecords, pid_matches
@@ -166,7 +167,7 @@ class Lab:
             storage = hdir / "storage"
             state.mkdir(parents=True, exist_ok=True)
             storage.mkdir(parents=True, exist_ok=True)
-            server = ca.issue(hdir / "tls", h.name, server_names=[h.mgmt_ip, h.name])
+            ca.issue(hdir / "tls", h.name, server_names=[h.mgmt_ip, h.name])
             settings = {
                 "name": h.name,
                 "accelerator": "tcg",
@@ -175,15 +176,7 @@ class Lab:
                 "memory_reserve_mib": 256,
             }
             (state / "settings.json").write_text(json.dumps(settings, indent=2))
-            argv = [
-                sys.executable, "-m", "vmferry.api.server",
-                "--state-dir", str(state),
-                "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
-                "--tls-cert", str(server.cert),
-                "--tls-key", str(server.key),
-                "--tls-ca", str(ca.cert_path),
-            ]  # fmt: skip
-            spawn_in_netns(records, h.netns, argv, hdir / "ferryd.log", f"ferryd {h.name}")
+            self._spawn_agent(records, h)
             endpoints[h.name] = HostEndpoint(
                 url=f"https://{h.mgmt_ip}:{AGENT_PORT}",
                 ca=str(ca.cert_path),
@@ -202,6 +195,42 @@ class Lab:
             self._wait_agent(h.name, agent_timeout)
         self._register_client_config(endpoints)
         return self.status()
+
+    def _spawn_agent(self, records: LabRecords, h: net.HostNet) -> int:
+        hdir = self.host_dir(h.name)
+        argv = [
+            sys.executable, "-m", "vmferry.api.server",
+            "--state-dir", str(hdir / "state"),
+            "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
+            "--tls-cert", str(hdir / "tls" / f"{h.name}.crt"),
+            "--tls-key", str(hdir / "tls" / f"{h.name}.key"),
+            "--tls-ca", str(self.dir / "pki" / "ca.crt"),
+        ]  # fmt: skip
+        return spawn_in_netns(records, h.netns, argv, hdir / "ferryd.log", f"ferryd {h.name}")
+
+    def agent_pid(self, host: str) -> int | None:
+        """The pid of the running ferryd of ``host`` (from the lab's records)."""
+        for e in reversed(LabRecords(self.dir).entries()):
+            if e.get("kind") == "pid" and e.get("what") == f"ferryd {host}":
+                pid, start = int(e["pid"]), int(e.get("start_time") or 0)
+                return pid if start and pid_matches(pid, start) else None
+        return None
+
+    def kill_agent(self, host: str) -> None:
+        """SIGKILL a host's ferryd, as a crash would (its VMs keep running)."""
+        for e in LabRecords(self.dir).entries():
+            if e.get("kind") == "pid" and e.get("what") == f"ferryd {host}":
+                pid, start = int(e["pid"]), int(e.get("start_time") or 0)
+                if start and pid_matches(pid, start):
+                    os.kill(pid, 9)
+                    stop_pid(pid, start, timeout=5)
+
+    def start_agent(self, host: str, timeout: float = 30) -> None:
+        """Start a host's ferryd again (after :meth:`kill_agent` or a crash)."""
+        if self.agent_pid(host) is not None:
+            raise ConflictError(f"ferryd on {host} is already running")
+        self._spawn_agent(LabRecords(self.dir), self.topology().host(host))
+        self._wait_agent(host, timeout)
 
     def _wait_agent(self, host: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -255,6 +284,8 @@ class Lab:
             if proc.alive():
                 proc.kill()
                 removed.append(f"qemu {proc.pid}")
+        for state in (self.dir / "hosts").glob("*/state"):
+            shutil.rmtree(socket_root(state), ignore_errors=True)
         removed += net.teardown(records)
         self._unregister_client_config()
         for e in entries:

@@ -40,6 +40,7 @@ class QemuConfig:
     cpu_model: str
     accel: str
     run_dir: Path
+    socket_dir: Path
     machine: str = DEFAULT_MACHINE
     kernel: Path | None = None
     initrd: Path | None = None
@@ -53,12 +54,12 @@ class QemuConfig:
     @property
     def qmp_socket(self) -> Path:
         """The agent's QMP socket (one client at a time)."""
-        return self.run_dir / "qmp.sock"
+        return self.socket_dir / "qmp.sock"
 
     @property
     def diag_socket(self) -> Path:
         """A second QMP socket, free for diagnostics."""
-        return self.run_dir / "qmp-diag.sock"
+        return self.socket_dir / "qmp-diag.sock"
 
     @property
     def pidfile(self) -> Path:

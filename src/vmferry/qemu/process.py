@@ -87,8 +87,8 @@ def spawn_daemon(argv: list[str], pidfile: Path, timeout: float = 30.0) -> QemuP
             f"{argv[0]} is not installed (apt-get install qemu-system-x86)"
         ) from exc
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise QemuStartError(detail[-1] if detail else f"QEMU exited with {done.returncode}")
+        detail = " ".join((done.stderr or done.stdout).split())
+        raise QemuStartError(detail[-600:] or f"QEMU exited with {done.returncode}")
     pid = int(pidfile.read_text().strip())
     start = pid_start_time(pid)
     if start is None:

@@ -1,0 +1,128 @@
+"""A real 2-host lab shared by the integration tests of one session (needs root and QEMU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from vmferry.client import FerryClient
+from vmferry.lab import Lab
+from vmferry.lab.lab import probe
+
+T = TypeVar("T")
+
+needs_lab = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
+]
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last})")
+
+
+class LabHandle:
+    """The lab plus helpers the tests share."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.topo = lab.topology()
+        self._next_guest = 0
+
+    def client(self, host: str) -> FerryClient:
+        return self.lab.client(host)
+
+    def guest_ip(self) -> str:
+        """A fresh guest address for each VM a test creates."""
+        self._next_guest += 1
+        return self.topo.guest_ip(self._next_guest)
+
+    def probe(self, kind: str, ip: str, **kw: Any) -> dict[str, Any]:
+        return probe(self.lab, kind, ip, **kw)
+
+    def stat(self, ip: str) -> dict[str, Any]:
+        """The guest probe's counters; raises if the guest does not answer."""
+        result = self.probe("stat", ip, count=1, timeout=1.0)
+        if "error" in result:
+            raise AssertionError(result["error"])
+        return result
+
+    def wait_guest(self, ip: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the guest at ``ip`` answers STAT (it has booted)."""
+        return wait_for(lambda: self.stat(ip), timeout, f"guest {ip} to answer")
+
+    def make_vm(
+        self,
+        host: str,
+        name: str,
+        roles: str = "",
+        disk_mib: int = 0,
+        memory: int = 256,
+        start: bool = True,
+    ) -> tuple[dict[str, Any], str]:
+        """Create (and start) a probe VM on ``host`` with a NIC on the external switch."""
+        ip = self.guest_ip()
+        spec: dict[str, Any] = {
+            "name": name,
+            "memory_mib": memory,
+            "disks": [{"size_mib": disk_mib}] if disk_mib else [],
+            "nics": [{"switch": "external"}],
+            "probe": {"ip": f"{ip}/24"},
+        }
+        if roles:
+            spec["probe"]["roles"] = roles.split(",")
+        with self.client(host) as c:
+            vm = c.create_vm(spec)
+            if start:
+                vm = c.action(name, "start")
+        return vm, ip
+
+    def remove_vm(self, host: str, name: str) -> None:
+        with self.client(host) as c:
+            if c.vm(name)["state"] not in ("off", "saved", "crashed"):
+                c.action(name, "stop")
+            c.delete_vm(name)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """A 2-host lab for the whole session, torn down at the end."""
+    if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("the lab needs root and QEMU")
+    base = tmp_path_factory.mktemp("lab")
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    lab = Lab(base / "lab")
+    lab.up(2)
+    try:
+        yield LabHandle(lab)
+    finally:
+        lab.down()
+
+
+def serial_lines(lab: LabHandle, host: str, vm: str, prefix: str) -> list[str]:
+    """Lines of the VM's serial console that start with ``prefix``."""
+    with lab.client(host) as c:
+        return [ln for ln in c.console(vm, 2000) if ln.startswith(prefix)]
+
+
+def files_under(p: Path) -> set[str]:
+    """Every path below ``p`` (for nothing-changed assertions)."""
+    return {str(x) for x in p.rglob("*")}
