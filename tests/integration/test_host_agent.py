@@ -11,7 +11,7 @@ import pytest
 from conftest import LabHandle, needs_lab, serial_lines, wait_for
 
 from vmferry.client import ConflictError, FerryClient, HostEndpoint, RefusedError
-from vmferry.qemu.process import pid_start_time
+from vmferry.procinfo import pid_start_time
 
 pytestmark = needs_lab
 

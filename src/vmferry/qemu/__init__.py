@@ -1,7 +1,7 @@
 """QEMU: the process, its command line and its QMP session. Knows nothing of hosts."""
 
 from vmferry.qemu.cmdline import DiskDrive, NetTap, QemuConfig, build_argv
-from vmferry.qemu.process import QemuProcess, pid_start_time, spawn_daemon
+from vmferry.qemu.process import QemuProcess, spawn_daemon
 from vmferry.qemu.qmp import QmpSession, qmp_session
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "QemuProcess",
     "QmpSession",
     "build_argv",
-    "pid_start_time",
     "qmp_session",
     "spawn_daemon",
 ]

@@ -9,20 +9,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmferry.procinfo import pid_matches, pid_start_time, pid_state
+
 
 class QemuStartError(RuntimeError):
     """QEMU refused to start; the message carries what QEMU printed."""
-
-
-def pid_start_time(pid: int) -> int | None:
-    """The process start time (clock ticks since boot) of ``pid``, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) may hold spaces; fields after the last ')' are fixed.
-    rest = stat[stat.rfind(")") + 2 :].split()
-    return int(rest[19])
 
 
 @dataclass(frozen=True)
@@ -34,13 +25,7 @@ class QemuProcess:
 
     def alive(self) -> bool:
         """True while this exact process exists and is not a zombie."""
-        if pid_start_time(self.pid) != self.start_time:
-            return False
-        try:
-            state = Path(f"/proc/{self.pid}/stat").read_text()
-        except FileNotFoundError:
-            return False
-        return state[state.rfind(")") + 2 :].split()[0] != "Z"
+        return pid_matches(self.pid, self.start_time) and pid_state(self.pid) not in ("Z", "X")
 
     def kill(self, timeout: float = 5.0) -> None:
         """SIGKILL the process (only if it is still the same process) and wait for it to go."""
