@@ -13,8 +13,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
+from vmferry.api.peer import AgentTLS, HttpPeer
 from vmferry.errors import AuthError, FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
+from vmferry.migration.engine import Moves, job_json
+from vmferry.migration.incoming import IncomingMoves
+from vmferry.migration.model import IncomingPlan, IncomingRequest, MoveRequest
+from vmferry.migration.slots import Slots
 
 log = logging.getLogger("vmferry.api")
 
@@ -40,13 +45,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}"
 
 
-def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
+class StartIncoming(BaseModel):
+    """Source → destination: the address the source reached."""
+
+    address: str
+
+
+class CommitIncoming(BaseModel):
+    """Source → destination: the stream completed."""
+
+    paused: bool = False
+    started_at: float | None = None
+
+
+def create_app(
+    host: Host, *, require_client_cert: bool = True, tls: AgentTLS | None = None
+) -> FastAPI:
     """Build the API for ``host``. Client certificates are required unless told otherwise."""
+    slots = Slots(lambda: host.settings.migration.max_concurrent)
+    incoming = IncomingMoves(host.vms, lambda: host.settings, slots)
+    moves = Moves(
+        host.vms, lambda: host.settings, slots, host.state_dir, lambda d: HttpPeer(d, tls)
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await host.apply_switches()
         host.vms.start_monitor()
+        await moves.recover()
         log.info("ferryd %s serving host %s", __version__, host.settings.name)
         yield
         await host.vms.stop_monitor()
@@ -140,4 +166,48 @@ def create_app(host: Host, *, require_client_cert: bool = True) -> FastAPI:
         }
         return await handlers[act.action](name)
 
+    # -- moves (source side) -----------------------------------------------------------------
+    @app.post("/v1/vms/{name}/move", status_code=202)
+    async def move_vm(name: str, req: MoveRequest) -> dict[str, Any]:
+        if req.what_if:
+            return await moves.what_if(name, req)
+        return job_json(await moves.submit(name, req))
+
+    @app.get("/v1/migrations")
+    async def list_migrations() -> list[dict[str, Any]]:
+        return [j.summary() for j in moves.all()]
+
+    @app.get("/v1/migrations/{job_id}")
+    async def show_migration(job_id: str) -> dict[str, Any]:
+        return job_json(moves.get(job_id))
+
+    @app.post("/v1/migrations/{job_id}/cancel")
+    async def cancel_migration(job_id: str) -> dict[str, Any]:
+        return job_json(moves.cancel(job_id))
+
+    # -- moves (destination side; called by the source agent) --------------------------------
+    @app.post("/v1/migrations/incoming")
+    async def incoming_prepare(req: IncomingRequest) -> IncomingPlan:
+        return await incoming.prepare(req)
+
+    @app.post("/v1/migrations/incoming/{job_id}/start", status_code=204)
+    async def incoming_start(job_id: str, body: StartIncoming) -> Response:
+        await incoming.start(job_id, body.address)
+        return Response(status_code=204)
+
+    @app.get("/v1/migrations/incoming/{job_id}")
+    async def incoming_status(job_id: str) -> dict[str, Any]:
+        return await incoming.status(job_id)
+
+    @app.post("/v1/migrations/incoming/{job_id}/commit")
+    async def incoming_commit(job_id: str, body: CommitIncoming) -> dict[str, Any]:
+        return await incoming.commit(job_id, body.paused, body.started_at)
+
+    @app.post("/v1/migrations/incoming/{job_id}/abort", status_code=204)
+    async def incoming_abort(job_id: str) -> Response:
+        await incoming.abort(job_id)
+        return Response(status_code=204)
+
+    app.state.moves = moves
+    app.state.incoming = incoming
     return app

@@ -13,6 +13,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vmferry.api.app import create_app
+from vmferry.api.peer import AgentTLS
 from vmferry.host import Host
 
 DEFAULT_PORT = 7443
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     addr, _, port = args.listen.rpartition(":")
     host = Host(args.state_dir)
-    app = create_app(host)
+    app = create_app(host, tls=AgentTLS(args.tls_cert, args.tls_key, args.tls_ca))
     config = uvicorn.Config(
         app,
         host=addr,

@@ -27,6 +27,10 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
 app.add_typer(lab_app, name="lab")
 app.add_typer(image_app, name="image")
+migration_app = typer.Typer(help="Watch and cancel live moves.", no_args_is_help=True)
+app.add_typer(migration_app, name="migration")
+mignet_app = typer.Typer(help="Networks this host migrates over.", no_args_is_help=True)
+host_app.add_typer(mignet_app, name="migration-network")
 
 out = Console()
 err = Console(stderr=True)
@@ -285,6 +289,16 @@ def host_set(
     ] = None,
     remove_switch: Annotated[list[str] | None, typer.Option("--remove-switch")] = None,
     memory_reserve: Annotated[int | None, typer.Option("--memory-reserve", help="MiB")] = None,
+    migration_enabled: Annotated[
+        bool | None, typer.Option("--migration-enabled/--migration-disabled")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option("--max-concurrent", help="live moves at once")
+    ] = None,
+    transport: Annotated[
+        str | None, typer.Option("--transport", help="tcp | compression | multichannel")
+    ] = None,
+    streams: Annotated[int | None, typer.Option("--streams", help="multichannel streams")] = None,
     output: OutputOpt = None,
 ) -> None:
     """Change host settings."""
@@ -311,8 +325,271 @@ def host_set(
             switches.pop(name, None)
         if switches != cur["switches"]:
             changes["switches"] = switches
+        mig = dict(cur["migration"])
+        for key, val in (
+            ("enabled", migration_enabled),
+            ("max_concurrent", max_concurrent),
+            ("transport", transport),
+            ("streams", streams),
+        ):
+            if val is not None:
+                mig[key] = val
+        if mig != cur["migration"]:
+            changes["migration"] = mig
         new = c.update_settings(**changes) if changes else cur
         _emit(new, output, lambda s: _kv(s, "settings"))
+
+
+@mignet_app.command("list")
+def mignet_list(output: OutputOpt = None) -> None:
+    """Show the migration networks, in the order they are tried."""
+    with _client() as c:
+        nets = c.settings()["migration"]["networks"]
+        _emit(nets, output, lambda ns: out.print("\n".join(f"{i}. {n}" for i, n in
+                                                             enumerate(ns, 1))))  # fmt: skip
+
+
+@mignet_app.command("add")
+def mignet_add(
+    cidr: Annotated[str, typer.Argument(help="a CIDR, or 'any'")],
+    position: Annotated[int | None, typer.Option(help="1 = tried first")] = None,
+) -> None:
+    """Add a migration network (replaces 'any' when it is the only entry)."""
+    with _client() as c:
+        mig = dict(c.settings()["migration"])
+        nets = [n for n in mig["networks"] if n != "any" or cidr == "any"]
+        if cidr in nets:
+            nets.remove(cidr)
+        nets.insert((position - 1) if position else len(nets), cidr)
+        mig["networks"] = nets
+        new = c.update_settings(migration=mig)
+        out.print("migration networks: " + ", ".join(new["migration"]["networks"]))
+
+
+@mignet_app.command("remove")
+def mignet_remove(cidr: str) -> None:
+    """Remove a migration network."""
+    with _client() as c:
+        mig = dict(c.settings()["migration"])
+        if cidr not in mig["networks"]:
+            _fail(FerryError(f"{cidr} is not a migration network here", field="cidr"))
+        mig["networks"] = [n for n in mig["networks"] if n != cidr]
+        if not mig["networks"]:
+            _fail(FerryError("a host needs at least one migration network", field="cidr",
+                             fix="add another first, or use --migration-disabled"))  # fmt: skip
+        new = c.update_settings(migration=mig)
+        out.print("migration networks: " + ", ".join(new["migration"]["networks"]))
+
+
+# -- move ------------------------------------------------------------------------------------
+def _pairs(values: list[str] | None, opt: str) -> dict[str, str]:
+    result = {}
+    for v in values or []:
+        k, eq, val = v.partition("=")
+        if not eq or not k or not val:
+            _fail(FerryError(f"{opt} {v!r} is not OLD=NEW", field=opt))
+        result[k] = val
+    return result
+
+
+def _find_vm(name: str) -> str:
+    from vmferry.client import FerryClient as _C
+
+    cfg = load_config()
+    for host, ep in cfg.hosts.items():
+        try:
+            with _C(ep, timeout=5) as c:
+                if any(v["name"] == name for v in c.vms()):
+                    return host
+        except FerryError:
+            continue
+    _fail(FerryError(f"no configured host has a VM named {name!r}", field="vm",
+                     fix="pass --host SOURCE"))  # fmt: skip
+    raise AssertionError
+
+
+@app.command("move")
+def move(
+    vm: str,
+    to: Annotated[str, typer.Option("--to", help="destination host (client config name)")],
+    storage_path: Annotated[
+        str | None, typer.Option("--storage-path", help="copy every file to this directory")
+    ] = None,
+    disk_map: Annotated[
+        list[str] | None, typer.Option("--disk-map", help="DISK=DEST_FILE (repeatable)")
+    ] = None,
+    vm_only: Annotated[
+        bool, typer.Option("--vm-only", help="disks stay where they are (shared volume)")
+    ] = False,
+    switch_map: Annotated[
+        list[str] | None, typer.Option("--switch-map", help="OLD=NEW switch name")
+    ] = None,
+    transport: Annotated[str | None, typer.Option(help="tcp | compression | multichannel")] = None,
+    streams: Annotated[int | None, typer.Option(help="streams for multichannel")] = None,
+    bandwidth: Annotated[int | None, typer.Option(help="cap in Mbit/s")] = None,
+    policy: Annotated[str, typer.Option(help="auto | precopy | postcopy")] = "auto",
+    downtime_target: Annotated[int, typer.Option("--downtime-target", help="ms")] = 50,
+    timeout: Annotated[float | None, typer.Option(help="seconds")] = None,
+    on_timeout: Annotated[str, typer.Option("--on-timeout", help="abort | force")] = "abort",
+    what_if: Annotated[bool, typer.Option("--what-if", help="check and plan only")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Live-move a running VM to another host (shared storage or shared-nothing)."""
+    cfg = load_config()
+    dest_ep = cfg.hosts.get(to)
+    if dest_ep is None:
+        _fail(FerryError(f"unknown destination host {to!r}", field="--to",
+                         fix="known hosts: " + ", ".join(sorted(cfg.hosts))))  # fmt: skip
+        return
+    if G.host is None:
+        G.host = _find_vm(vm)
+    request: dict[str, Any] = {
+        "destination": {"name": to, "url": dest_ep.url},
+        "what_if": what_if,
+        "options": {
+            "storage_path": storage_path,
+            "disk_map": _pairs(disk_map, "--disk-map"),
+            "vm_only": vm_only,
+            "switch_map": _pairs(switch_map, "--switch-map"),
+            "transport": transport,
+            "streams": streams,
+            "bandwidth_mbps": bandwidth,
+            "policy": policy,
+            "downtime_target_ms": downtime_target,
+            "timeout_s": timeout,
+            "on_timeout": on_timeout,
+        },
+    }
+    with _client() as c:
+        result = c.move(vm, request)
+        if what_if:
+            _emit(result, output, _what_if_table)
+            if not result["ok"]:
+                raise typer.Exit(1)
+            return
+        if no_wait:
+            _emit(result, output, lambda j: out.print(f"migration {j['id']} started"))
+            return
+        job = _watch(c, result["id"], quiet=(output or G.output) is Output.json)
+        _emit(job, output, _job_show)
+        if job["state"] != "completed":
+            raise typer.Exit(1)
+
+
+def _what_if_table(plan: dict[str, Any]) -> None:
+    t = Table(title=f"what if {plan['vm']} moved {plan['source']} → {plan['destination']}",
+              title_justify="left")  # fmt: skip
+    t.add_column("CHECK")
+    t.add_column("")
+    t.add_column("DETAIL")
+    for ch in plan["checks"]:
+        detail = ch["message"] + (f"  → {ch['fix']}" if ch.get("fix") else "")
+        t.add_row(ch["name"], "[green]ok[/]" if ch["ok"] else "[red]FAIL[/]", detail)
+    out.print(t)
+    out.print(
+        f"mode {plan['mode']}, {plan['bytes_to_move'] / 2**20:.0f} MiB to move, predicted "
+        f"≈ {plan['predicted_s']} s at {plan['link_mbps_assumed']} Mbit/s ({plan['note']})"
+    )
+
+
+def _watch(c: FerryClient, job_id: str, quiet: bool) -> dict[str, Any]:
+    import time as _time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (
+        TextColumn("[bold]{task.fields[phase]:<10}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*cols, console=err, disable=quiet, transient=False) as bar:
+        task = bar.add_task("move", total=100, phase="queued", detail="")
+        while True:
+            job = c.migration(job_id)
+            p = job["progress"]
+            total = p["ram_total"] + p["disk_total"]
+            done = p["ram_transferred"] + p["disk_transferred"]
+            pct = min(99.0, 100.0 * done / total) if total else 0.0
+            if job["state"] == "completed":
+                pct = 100.0
+            detail = (
+                f"{done / 2**20:,.0f} MiB sent, {p['ram_remaining'] / 2**20:,.0f} MiB left, "
+                f"{p['mbps']:.0f} Mbit/s, pass {p['passes']}"
+            )
+            if p.get("expected_downtime_ms") is not None:
+                detail += f", downtime ≈ {p['expected_downtime_ms']} ms"
+            if p.get("eta_s") is not None:
+                detail += f", ETA {p['eta_s']:.0f} s"
+            if job.get("queue_position"):
+                detail = f"waiting, position {job['queue_position']}"
+            bar.update(task, completed=pct, phase=job["phase"], detail=detail)
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job
+            _time.sleep(0.2)
+
+
+def _job_show(job: dict[str, Any]) -> None:
+    t = Table(title=f"migration {job['id']}: {job['vm']} {job['source']} → {job['destination']}",
+              title_justify="left")  # fmt: skip
+    t.add_column("PHASE")
+    t.add_column("SECONDS", justify="right")
+    for ph in job["phases"]:
+        secs = None if ph["ended_at"] is None else ph["ended_at"] - ph["started_at"]
+        t.add_row(ph["phase"], "-" if secs is None else f"{secs:.3f}")
+    out.print(t)
+    state = job["state"]
+    color = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
+    out.print(
+        f"[{color}]{state}[/] — mode {job.get('mode')}, transport {job.get('transport')}, "
+        f"address {job.get('address')}, total {job.get('total_s')} s, QEMU downtime "
+        f"{job.get('qemu_downtime_ms')} ms (the source's view; the guest's blackout is longer)"
+    )
+    for e in job.get("escalations") or []:
+        out.print(f"  escalation: {e}")
+    if job.get("error"):
+        e = job["error"]
+        out.print(f"[red]failed in {e['phase']}:[/] {e['message']}", highlight=False)
+        if e.get("fix"):
+            out.print(f"  fix: {e['fix']}", highlight=False)
+
+
+@migration_app.command("list")
+def migration_list(output: OutputOpt = None) -> None:
+    """Moves started from a host, newest first."""
+    with _client() as c:
+        jobs = c.migrations()
+
+    def render(js: list[dict[str, Any]]) -> None:
+        t = Table()
+        for col in ("ID", "VM", "FROM", "TO", "STATE", "PHASE", "MODE", "TOTAL", "DOWNTIME"):
+            t.add_column(col)
+        for j in js:
+            t.add_row(j["id"], j["vm"], j["source"], j["destination"], j["state"], j["phase"],
+                      j.get("mode") or "-", f"{j['total_s']:.1f}s" if j.get("total_s") else "-",
+                      f"{j['qemu_downtime_ms']} ms" if j.get("qemu_downtime_ms") is not None
+                      else "-")  # fmt: skip
+        out.print(t)
+
+    _emit(jobs, output, render)
+
+
+@migration_app.command("show")
+def migration_show(job_id: str, output: OutputOpt = None) -> None:
+    """One move with its phases, times and outcome."""
+    with _client() as c:
+        _emit(c.migration(job_id), output, _job_show)
+
+
+@migration_app.command("cancel")
+def migration_cancel(job_id: str) -> None:
+    """Cancel a move before switchover; the VM keeps running on the source."""
+    with _client() as c:
+        c.cancel_migration(job_id)
+        job = _watch(c, job_id, quiet=True)
+        _job_show(job)
 
 
 # -- image -----------------------------------------------------------------------------------

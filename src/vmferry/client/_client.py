@@ -110,6 +110,28 @@ class FerryClient:
         """Delete an off VM and its files."""
         self.request("DELETE", f"/v1/vms/{name}")
 
+    def move(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Start a live move (or, with ``what_if``, only check and plan it)."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/vms/{name}/move", json=request, timeout=180
+        )
+        return result
+
+    def migrations(self) -> list[dict[str, Any]]:
+        """Moves this host started, newest first."""
+        result: list[dict[str, Any]] = self.request("GET", "/v1/migrations")
+        return result
+
+    def migration(self, job_id: str) -> dict[str, Any]:
+        """One move job with its phases and figures."""
+        result: dict[str, Any] = self.request("GET", f"/v1/migrations/{job_id}")
+        return result
+
+    def cancel_migration(self, job_id: str) -> dict[str, Any]:
+        """Cancel a move before switchover."""
+        result: dict[str, Any] = self.request("POST", f"/v1/migrations/{job_id}/cancel")
+        return result
+
     def action(self, name: str, action: str, timeout: float = 60.0) -> dict[str, Any]:
         """Run start|stop|shutdown|pause|resume|save|restore on a VM and return its new state."""
         result: dict[str, Any] = self.request(

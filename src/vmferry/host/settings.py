@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -36,6 +37,34 @@ class SwitchSpec(BaseModel):
         return v
 
 
+class MigrationSettings(BaseModel):
+    """Live migration on this host (``ferry host set --migration-...``)."""
+
+    enabled: bool = True
+    #: Ordered CIDRs the host migrates over; "any" allows every address.
+    networks: list[str] = Field(default_factory=lambda: ["any"])
+    max_concurrent: int = Field(default=2, ge=1, le=64)
+    transport: Literal["tcp", "compression", "multichannel"] = "tcp"
+    streams: int = Field(default=4, ge=1, le=64)
+    bandwidth_mbps: int | None = Field(default=None, ge=1)
+    port_min: int = Field(default=49152, ge=1024, le=65535)
+    port_max: int = Field(default=49215, ge=1024, le=65535)
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for n in v:
+            if n == "any":
+                out.append(n)
+                continue
+            try:
+                out.append(str(ipaddress.ip_network(n, strict=False)))
+            except ValueError as exc:
+                raise ValueError(f"migration network {n!r} is not a CIDR (or 'any')") from exc
+        return out
+
+
 class HostSettings(BaseModel):
     """Everything an admin sets on one host (``ferry host set``)."""
 
@@ -46,6 +75,7 @@ class HostSettings(BaseModel):
     storage_roots: list[str] = Field(default_factory=list)
     switches: dict[str, SwitchSpec] = Field(default_factory=dict)
     memory_reserve_mib: int = Field(default=512, ge=0)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
 
     @field_validator("storage_roots")
     @classmethod
@@ -71,6 +101,7 @@ class HostSettingsUpdate(BaseModel):
     storage_roots: list[str] | None = None
     switches: dict[str, SwitchSpec] | None = None
     memory_reserve_mib: int | None = Field(default=None, ge=0)
+    migration: MigrationSettings | None = None
 
 
 class SettingsStore:

@@ -19,7 +19,7 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -68,6 +68,8 @@ class VMState(StrEnum):
     SAVED = "saved"
     RESTORING = "restoring"
     CRASHED = "crashed"
+    MIGRATING = "migrating"
+    INCOMING = "incoming"
 
 
 @dataclass
@@ -206,6 +208,8 @@ class VMManager:
         proc = rt.process()
         alive = proc is not None and proc.alive()
         expected = VMState(rt.expected)
+        if expected is VMState.INCOMING:
+            return expected
         if expected in (VMState.RUNNING, VMState.PAUSED, VMState.STARTING) and not alive:
             return VMState.CRASHED
         if expected in (VMState.OFF, VMState.SAVED, VMState.CRASHED) and alive:
@@ -220,7 +224,13 @@ class VMManager:
     def _info(self, spec: VMSpec) -> VMInfo:
         rt = self._runtime(spec)
         state = self._state(spec, rt)
-        live = state in (VMState.RUNNING, VMState.PAUSED, VMState.SHUTTING_DOWN, VMState.SAVING)
+        live = state in (
+            VMState.RUNNING,
+            VMState.PAUSED,
+            VMState.SHUTTING_DOWN,
+            VMState.SAVING,
+            VMState.MIGRATING,
+        )
         return VMInfo(
             name=spec.name,
             uuid=spec.uuid,
@@ -441,7 +451,7 @@ class VMManager:
             self._locks.pop(name, None)
 
     # -- start / stop ----------------------------------------------------------------------
-    def _qemu_config(self, spec: VMSpec, incoming: bool) -> QemuConfig:
+    def _qemu_config(self, spec: VMSpec, incoming: bool, start_paused: bool = True) -> QemuConfig:
         settings = self._settings()
         kernel = initrd = None
         append = None
@@ -484,9 +494,12 @@ class VMManager:
                 for i, n in enumerate(spec.nics)
             ),
             incoming=incoming,
+            start_paused=start_paused,
         )
 
-    async def _launch(self, spec: VMSpec, incoming: bool) -> tuple[QemuConfig, Runtime]:
+    async def _launch(
+        self, spec: VMSpec, incoming: bool, start_paused: bool = True
+    ) -> tuple[QemuConfig, Runtime]:
         """Start QEMU paused (``-S``) with taps bridged; the caller resumes or migrates in."""
         settings = self._settings()
         if spec.memory_mib > self.free_memory_mib():
@@ -505,7 +518,7 @@ class VMManager:
                     fix="ferry host set --switch NAME=BRIDGE",
                 )
             await asyncio.to_thread(network.ensure_switch, sw.bridge, sw.uplink)
-        cfg = await asyncio.to_thread(self._qemu_config, spec, incoming)
+        cfg = await asyncio.to_thread(self._qemu_config, spec, incoming, start_paused)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sock in (cfg.qmp_socket, cfg.diag_socket):
@@ -740,6 +753,119 @@ class VMManager:
                 self._busy.pop(name, None)
             log.info("restored VM %s", name)
             return self._info(spec)
+
+    # -- primitives for moves (used by the migration layer) -------------------------------
+    def spec(self, name: str) -> VMSpec:
+        """The stored configuration of a VM."""
+        return self._spec(name)
+
+    def qmp_path(self, name: str) -> Path:
+        """The agent's QMP socket of a VM."""
+        return self._qmp_path(self._spec(name))
+
+    def process(self, name: str) -> QemuProcess | None:
+        """The VM's recorded QEMU process (alive or not)."""
+        return self._runtime(self._spec(name)).process()
+
+    def started_at(self, name: str) -> float | None:
+        """When the VM's guest was last started (kept across moves for its uptime)."""
+        return self._runtime(self._spec(name)).started_at
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """The per-VM lock every lifecycle operation holds."""
+        return self._lock(name)
+
+    def set_busy(self, name: str, state: VMState | None) -> None:
+        """Show a transitional state (e.g. migrating) instead of the recorded one."""
+        if state is None:
+            self._busy.pop(name, None)
+        else:
+            self._busy[name] = state
+
+    def state(self, name: str) -> VMState:
+        """The VM's current state."""
+        spec = self._spec(name)
+        return self._state(spec, self._runtime(spec))
+
+    def register_incoming(self, spec: VMSpec, write_config: bool) -> None:
+        """Register a VM arriving by migration (hidden from start/stop until committed)."""
+        reg = self._registry()
+        if spec.name in reg:
+            raise ConflictError(
+                f"a VM named {spec.name!r} already exists on this host", field="name"
+            )
+        cfg = Path(spec.storage_dir) / CONFIG_FILE
+        if write_config:
+            tmp = cfg.with_suffix(".tmp")
+            tmp.write_text(spec.model_dump_json(indent=2))
+            os.replace(tmp, cfg)
+        reg[spec.name] = str(cfg)
+        self._write_registry(reg)
+        self._save_runtime(spec, Runtime(expected=VMState.INCOMING.value))
+
+    async def launch_incoming(self, name: str) -> QemuConfig:
+        """Start the destination QEMU waiting for the stream (``-incoming defer``).
+
+        It is not started with ``-S``: QEMU resumes the guest the moment the last
+        bytes arrive, which keeps the guest's blackout short.
+        """
+        spec = self._spec(name)
+        cfg, rt = await self._launch(spec, incoming=True, start_paused=False)
+        rt.expected = VMState.INCOMING.value
+        self._save_runtime(spec, rt)
+        return cfg
+
+    def commit_incoming(self, name: str, paused: bool, started_at: float | None) -> VMInfo:
+        """The VM now runs here: record it as running (or paused)."""
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        rt.expected = (VMState.PAUSED if paused else VMState.RUNNING).value
+        rt.started_at = started_at or time.time()
+        self._save_runtime(spec, rt)
+        return self._info(spec)
+
+    def discard_incoming(self, name: str, files: Sequence[Path]) -> None:
+        """Undo an incoming VM: kill its QEMU, forget it, delete the files made for it."""
+        try:
+            spec = self._spec(name)
+        except NotFoundError:
+            return
+        rt = self._runtime(spec)
+        if rt.expected != VMState.INCOMING.value:
+            raise ConflictError(f"VM {name!r} is not an incoming VM; refusing to discard it")
+        proc = rt.process()
+        if proc is not None:
+            proc.kill()
+        for f in files:
+            f.unlink(missing_ok=True)
+        self._forget(spec)
+
+    def _forget(self, spec: VMSpec) -> None:
+        shutil.rmtree(self._run_dir(spec), ignore_errors=True)
+        shutil.rmtree(self._sock_dir(spec), ignore_errors=True)
+        reg = self._registry()
+        reg.pop(spec.name, None)
+        self._write_registry(reg)
+
+    async def release(self, name: str, delete_files: bool) -> None:
+        """The VM now runs elsewhere: stop the source QEMU, forget the VM, maybe delete files."""
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        await self._quit(spec, rt)
+        if delete_files:
+            sdir = Path(spec.storage_dir)
+            for d in spec.disks:
+                (sdir / d.file).unlink(missing_ok=True)
+            (sdir / STATE_FILE).unlink(missing_ok=True)
+            (sdir / CONFIG_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                sdir.rmdir()
+        self._forget(spec)
+        self._busy.pop(name, None)
+
+    def resume_after_failed_move(self, name: str) -> None:
+        """Record that the VM keeps running here after a failed or cancelled move."""
+        self._busy.pop(name, None)
 
     # -- monitor ---------------------------------------------------------------------------
     def start_monitor(self, interval: float = 1.0) -> None:

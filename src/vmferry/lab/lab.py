@@ -174,6 +174,7 @@ class Lab:
                 "storage_roots": [str(storage), str(self.shared_dir)],
                 "switches": {EXTERNAL_SWITCH: {"bridge": HOST_BRIDGE, "uplink": h.uplink}},
                 "memory_reserve_mib": 256,
+                "migration": {"networks": [topo.migration_cidr]},
             }
             (state / "settings.json").write_text(json.dumps(settings, indent=2))
             self._spawn_agent(records, h)
@@ -344,3 +345,139 @@ def probe(
         raise HostError(f"probe {kind} {ip} failed: {done.stderr.strip()}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+# -- background probes (blackout / session) while a VM migrates --------------------------------
+
+BACKGROUND_KINDS = ("blackout", "session")
+
+
+class BackgroundProbe:
+    """A probe running in the lab's client namespace until :meth:`stop` (or its duration ends)."""
+
+    def __init__(
+        self, pid: int, kind: str, out: Path, start_time: int, log_path: Path, duration: float
+    ) -> None:
+        self.pid = pid
+        self.kind = kind
+        self.out = out
+        self.start_time = start_time  # 0 if it had already exited: then never signalled
+        self.log_path = log_path
+        self.duration = duration
+
+    def __repr__(self) -> str:
+        return f"BackgroundProbe(pid={self.pid}, kind={self.kind!r}, out={str(self.out)!r})"
+
+    def running(self) -> bool:
+        """True while the probe process (same pid and start time) is alive (not a zombie)."""
+        from vmferry.procinfo import pid_state
+
+        return (
+            bool(self.start_time)
+            and pid_matches(self.pid, self.start_time)
+            and pid_state(self.pid) not in ("Z", "X")
+        )
+
+    def _result(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            result: dict[str, Any] = json.loads(self.out.read_text())
+        except (OSError, ValueError) as exc:
+            tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
+            raise HostError(
+                f"probe {self.kind} wrote no result to {self.out}: {exc}\n{tail}"
+            ) from exc
+        return result
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the probe to finish on its own (its duration) and return its result."""
+        budget = self.duration + 40 if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        while self.running() and time.monotonic() < deadline:
+            if self.out.exists():
+                break
+            time.sleep(0.1)
+        return self.stop(max(1.0, deadline - time.monotonic()))
+
+    def stop(self, timeout: float = 30) -> dict[str, Any]:
+        """SIGTERM the probe if it is still ours and running, then return its JSON result."""
+        t_end = time.monotonic() + timeout
+        # stop_pid signals only while pid + start time still match (never a recycled pid),
+        # does nothing for a probe that already exited, and reaps our child.
+        stop_pid(self.pid, self.start_time or None, timeout=max(1.0, timeout - 1))
+        return self._result(max(0.5, t_end - time.monotonic()))
+
+
+def start_probe(
+    lab: Lab,
+    kind: str,
+    ip: str,
+    duration: float,
+    interval_ms: float | None = None,
+    ready_timeout: float = 20,
+) -> BackgroundProbe:
+    """Start a ``blackout`` or ``session`` probe against a guest address from the client netns.
+
+    The process is recorded in the lab's records (``ferry lab down`` stops it); its result
+    goes to ``<lab_dir>/probes/<kind>-<n>.json``. Returns once the probe is measuring.
+    """
+    import ipaddress
+
+    from vmferry.lab.probe import MAX_DURATION_S, READY_MARK
+    from vmferry.procinfo import pid_start_time
+
+    if kind not in BACKGROUND_KINDS:
+        raise RefusedError(f"no background probe {kind!r}", field="kind", fix="blackout|session")
+    if not 0 < duration <= MAX_DURATION_S:
+        raise RefusedError(f"duration must be in (0, {MAX_DURATION_S:.0f}] s", field="duration")
+    if interval_ms is not None and not 0.1 <= interval_ms <= 60_000:
+        raise RefusedError("interval_ms must be in [0.1, 60000]", field="interval_ms")
+    topo = lab.topology()
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError as exc:
+        raise RefusedError(f"{ip!r} is not an IP address", field="ip") from exc
+    if addr not in ipaddress.ip_network(topo.vm_cidr):
+        raise RefusedError(f"{ip} is not on the lab's VM network {topo.vm_cidr}", field="ip")
+    records = LabRecords(lab.dir)
+    pdir = lab.dir / "probes"
+    if not pdir.exists():
+        records.add("dir", path=str(pdir))
+        pdir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 100_000):
+        log_path = pdir / f"{kind}-{n}.log"
+        out = pdir / f"{kind}-{n}.json"
+        try:  # reserve the number: the log is created exclusively
+            os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            continue
+        if not out.exists():
+            break
+    else:
+        raise HostError(f"too many probe results in {pdir}")
+    argv = [sys.executable, "-m", "vmferry.lab.probe", kind, str(addr),
+            "--duration", str(duration), "--out", str(out)]  # fmt: skip
+    if interval_ms is not None:
+        argv += ["--interval-ms", str(interval_ms)]
+    pid = spawn_in_netns(records, topo.client_netns, argv, log_path, f"probe {kind} {addr}")
+    handle = BackgroundProbe(
+        pid=pid,
+        kind=kind,
+        out=out,
+        start_time=pid_start_time(pid) or 0,
+        log_path=log_path,
+        duration=duration,
+    )
+    # Python start-up (importing vmferry.lab) takes most of a second: return only once the probe
+    # is measuring (and has its SIGTERM handler), so the caller can start the migration.
+    deadline = time.monotonic() + ready_timeout
+    while READY_MARK not in log_path.read_text(errors="replace"):
+        if not handle.running():
+            break  # it failed early (e.g. connection refused); stop() returns its result
+        if time.monotonic() >= deadline:
+            handle.stop(timeout=5)
+            raise HostError(f"probe {kind} {addr} not ready within {ready_timeout:.0f} s")
+        time.sleep(0.02)
+    return handle

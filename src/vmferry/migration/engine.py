@@ -1,0 +1,663 @@
+"""The source side of a live move: an explicit phase machine with a rollback guard.
+
+Phases: queued → checks → setup → [mirror] → precopy → [postcopy] → switchover → resume →
+announce → cleanup. Until the guest runs on the destination, any failure or a cancel rolls back
+to "VM running on the source, destination clean", and the job records the phase, the cause and
+what the admin can do. Jobs are stored as JSON so an agent restart does not lose them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmferry import __version__
+from vmferry.errors import ConflictError, FerryError, NotFoundError, RefusedError
+from vmferry.host.host import cpu_info
+from vmferry.host.settings import HostSettings
+from vmferry.host.spec import VMSpec
+from vmferry.host.vms import VMManager, VMState
+from vmferry.migration.model import (
+    CheckResult,
+    Destination,
+    IncomingPlan,
+    IncomingRequest,
+    Job,
+    JobError,
+    JobState,
+    MoveRequest,
+    Phase,
+    PhaseRecord,
+)
+from vmferry.migration.qemu_ops import (
+    set_capabilities,
+    set_stream_limits,
+    wait_block_jobs_ready,
+)
+from vmferry.migration.slots import Slots
+from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+
+log = logging.getLogger("vmferry.migration")
+
+#: No progress for this long while copying means the link is gone.
+STALL_S = 20.0
+POLL_S = 0.02
+
+
+class Peer(Protocol):
+    """The destination agent, as the source sees it."""
+
+    async def prepare(self, req: IncomingRequest) -> IncomingPlan: ...
+    async def start(self, job_id: str, address: str) -> None: ...
+    async def status(self, job_id: str) -> dict[str, Any]: ...
+    async def commit(
+        self, job_id: str, paused: bool, started_at: float | None
+    ) -> dict[str, Any]: ...
+    async def abort(self, job_id: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+PeerFactory = Callable[[Destination], Peer]
+
+
+class MoveFailed(Exception):
+    """A move failed in a phase; carries the admin-facing message and fix."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+
+class MoveCancelled(Exception):
+    """The admin cancelled the move."""
+
+
+class Moves:
+    """Outgoing live moves of this host."""
+
+    def __init__(
+        self,
+        vms: VMManager,
+        settings: Callable[[], HostSettings],
+        slots: Slots,
+        state_dir: Path,
+        peers: PeerFactory,
+    ) -> None:
+        self.vms = vms
+        self._settings = settings
+        self.slots = slots
+        self.dir = state_dir / "migrations"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._peers = peers
+        self.jobs: dict[str, Job] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancel: set[str] = set()
+        self._last_save = 0.0
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                job = Job.model_validate_json(path.read_text())
+            except ValueError:
+                continue
+            self.jobs[job.id] = job
+
+    # -- records ---------------------------------------------------------------------------
+    def _save(self, job: Job, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_save < 0.5:
+            return
+        self._last_save = now
+        tmp = self.dir / f"{job.id}.tmp"
+        tmp.write_text(job.model_dump_json(indent=1))
+        os.replace(tmp, self.dir / f"{job.id}.json")
+
+    def _enter(self, job: Job, phase: Phase) -> None:
+        now = time.time()
+        if job.phases and job.phases[-1].ended_at is None:
+            job.phases[-1].ended_at = now
+        job.phases.append(PhaseRecord(phase=phase, started_at=now))
+        job.phase = phase
+        self._save(job)
+        log.info("move %s of %s: %s", job.id, job.vm, phase.value)
+
+    def all(self) -> list[Job]:
+        """All jobs, newest first."""
+        return sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+
+    def get(self, job_id: str) -> Job:
+        """One job."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no migration {job_id!r} on this host", field="id",
+                                fix="see ferry migration list")  # fmt: skip
+        if job.queue_position is not None:
+            job.queue_position = self.slots.position(job.id)
+        return job
+
+    # -- submit / cancel -------------------------------------------------------------------
+    def _local_checks(
+        self, spec: VMSpec, req: MoveRequest, in_job: bool = False
+    ) -> list[CheckResult]:
+        s = self._settings()
+        state = self.vms.state(spec.name)
+        if in_job and state is VMState.MIGRATING:
+            state = VMState.RUNNING  # our own job marked it
+        res = [
+            CheckResult(
+                name="source-migration-enabled",
+                ok=s.migration.enabled,
+                message="live migration is enabled on the source"
+                if s.migration.enabled
+                else f"live migration is disabled on {s.name}",
+                fix=None if s.migration.enabled else "ferry host set --migration-enabled",
+            ),
+            CheckResult(
+                name="vm-state",
+                ok=state in (VMState.RUNNING, VMState.PAUSED),
+                message=f"VM {spec.name!r} is {state.value}",
+                fix=None
+                if state in (VMState.RUNNING, VMState.PAUSED)
+                else "a live move needs the VM running or paused; start it first",
+            ),
+            CheckResult(
+                name="pass-through",
+                ok=True,
+                message="no pass-through disks (every disk is a file vmferry can copy)",
+            ),
+            CheckResult(
+                name="destination",
+                ok=req.destination.name != s.name,
+                message=f"from {s.name} to {req.destination.name}",
+                fix=None if req.destination.name != s.name else "pick another host",
+            ),
+        ]
+        return res
+
+    def _incoming_request(self, job: Job, spec: VMSpec, dry_run: bool) -> IncomingRequest:
+        s = self._settings()
+        transport = job.options.transport or s.migration.transport
+        cpu = cpu_info()
+        return IncomingRequest(
+            job_id=job.id,
+            source=s.name,
+            source_version=__version__,
+            spec=spec,
+            options=job.options,
+            transport=transport,
+            streams=job.options.streams or s.migration.streams,
+            postcopy=job.options.policy != "precopy" and transport == "tcp",
+            cpu_vendor=cpu["vendor"],
+            cpu_flags=cpu["flags"],
+            dry_run=dry_run,
+        )
+
+    async def what_if(self, name: str, req: MoveRequest) -> dict[str, Any]:
+        """Run every check and return the plan with a predicted time; change nothing."""
+        spec = self.vms.spec(name)
+        job = Job(vm=name, source=self._settings().name, destination=req.destination.name,
+                  destination_url=req.destination.url, options=req.options)  # fmt: skip
+        checks = self._local_checks(spec, req)
+        peer = self._peers(req.destination)
+        try:
+            plan = await peer.prepare(self._incoming_request(job, spec, dry_run=True))
+        finally:
+            await peer.close()
+        checks += plan.checks
+        disk_bytes = sum(d.size_mib for d in spec.disks if d.name in plan.mirrored) * 2**20
+        ram_bytes = spec.memory_mib * 2**20
+        link_mbps = req.options.bandwidth_mbps or self._settings().migration.bandwidth_mbps or 1000
+        predicted = (disk_bytes + ram_bytes) * 8 / (link_mbps * 1e6)
+        return {
+            "vm": name,
+            "source": self._settings().name,
+            "destination": req.destination.name,
+            "ok": all(c.ok for c in checks),
+            "checks": [c.model_dump() for c in checks],
+            "mode": plan.mode,
+            "storage_dir": plan.storage_dir,
+            "disks": plan.disks,
+            "bytes_to_move": disk_bytes + ram_bytes,
+            "link_mbps_assumed": link_mbps,
+            "predicted_s": round(predicted, 1),
+            "note": "memory is counted at its full size; an idle guest moves faster",
+        }
+
+    async def submit(self, name: str, req: MoveRequest) -> Job:
+        """Queue a move of VM ``name`` and start working on it."""
+        spec = self.vms.spec(name)
+        for j in self.jobs.values():
+            if j.vm == name and not j.state.terminal:
+                raise ConflictError(
+                    f"VM {name!r} is already being moved (migration {j.id})",
+                    field="name", fix=f"watch it: ferry migration show {j.id}",
+                )  # fmt: skip
+        failing = [c for c in self._local_checks(spec, req) if not c.ok]
+        if failing:
+            raise RefusedError(failing[0].message, field="vm", fix=failing[0].fix)
+        job = Job(vm=name, source=self._settings().name, destination=req.destination.name,
+                  destination_url=req.destination.url, options=req.options)  # fmt: skip
+        job.phases.append(PhaseRecord(phase=Phase.QUEUED, started_at=time.time()))
+        self.jobs[job.id] = job
+        self._save(job)
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(
+            self._run(job, req.destination)
+        )
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask a move to stop; refused once the guest already runs on the destination."""
+        job = self.get(job_id)
+        if job.state.terminal:
+            raise ConflictError(f"migration {job_id} already {job.state.value}", field="id")
+        if job.phase in (Phase.POSTCOPY, Phase.RESUME, Phase.ANNOUNCE, Phase.CLEANUP) or (
+            job.phase is Phase.SWITCHOVER and job.postcopy_used
+        ):
+            raise ConflictError(
+                f"migration {job_id} is past the point of no return ({job.phase.value}): "
+                "the guest already runs on the destination",
+                field="id", fix="let it finish, then move the VM back",
+            )  # fmt: skip
+        self._cancel.add(job_id)
+        return job
+
+    def _check_cancel(self, job: Job) -> None:
+        if job.id in self._cancel:
+            raise MoveCancelled()
+
+    # -- the phase machine -----------------------------------------------------------------
+    async def _run(self, job: Job, dest: Destination) -> None:
+        t0 = time.monotonic()
+        peer = self._peers(dest)
+        name = job.vm
+        prepared = False
+        plan: IncomingPlan | None = None
+        job.state = JobState.QUEUED
+        job.queue_position = self.slots.position(job.id)
+        try:
+            await self._queue(job)
+            async with self.vms.lock(name):
+                job.state = JobState.RUNNING
+                self.vms.set_busy(name, VMState.MIGRATING)
+                spec = self.vms.spec(name)
+                qmp = self.vms.qmp_path(name)
+                async with qmp_session(qmp, timeout=15) as q:
+                    was_paused = await q.status() == "paused"
+                    try:
+                        self._enter(job, Phase.CHECKS)
+                        plan = await self._checks(job, spec, peer)
+                        self._enter(job, Phase.SETUP)
+                        plan = await self._setup(job, spec, peer)
+                        prepared = True
+                        address = await self._choose_address(job, plan)
+                        await peer.start(job.id, address)
+                        if plan.mirrored:
+                            self._enter(job, Phase.MIRROR)
+                            await self._mirror(job, q, plan, address)
+                        self._enter(job, Phase.PRECOPY)
+                        await self._precopy(job, q, plan, address)
+                    except BaseException as exc:
+                        await self._rollback(job, q, peer, was_paused, prepared, exc)
+                        raise
+                    self._enter(job, Phase.RESUME)
+                    started = self.vms.started_at(name)
+                    result = await peer.commit(job.id, was_paused, started)
+                    self._enter(job, Phase.ANNOUNCE)
+                    job.progress.ram_remaining = 0
+                self._enter(job, Phase.CLEANUP)
+                await self.vms.release(name, delete_files=job.mode == "shared-nothing")
+                job.state = JobState.COMPLETED
+                log.info("move %s: %s now runs on %s (%s)", job.id, name, dest.name, result)
+        except MoveCancelled:
+            job.state = JobState.CANCELLED
+            job.error = JobError(phase=job.phase, message="cancelled by the admin; "
+                                 "the VM keeps running on the source")  # fmt: skip
+        except MoveFailed as exc:
+            job.state = JobState.FAILED
+            job.error = JobError(phase=job.phase, message=exc.message, fix=exc.fix)
+        except FerryError as exc:
+            job.state = JobState.FAILED
+            job.error = JobError(phase=job.phase, message=exc.message, fix=exc.fix)
+        except Exception as exc:
+            log.exception("move %s failed", job.id)
+            job.state = JobState.FAILED
+            job.error = JobError(phase=job.phase, message=f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self.slots.release(job.id)
+            self._cancel.discard(job.id)
+            with contextlib.suppress(FerryError):
+                self.vms.set_busy(name, None)
+            await peer.close()
+            now = time.time()
+            if job.phases and job.phases[-1].ended_at is None:
+                job.phases[-1].ended_at = now
+            job.finished_at = now
+            job.total_s = round(time.monotonic() - t0, 3)
+            job.queue_position = None
+            self._save(job)
+            self._tasks.pop(job.id, None)
+
+    async def _queue(self, job: Job) -> None:
+        waiter = asyncio.ensure_future(self.slots.acquire(job.id))
+        try:
+            while not waiter.done():
+                job.queue_position = self.slots.position(job.id)
+                self._check_cancel(job)
+                await asyncio.wait({waiter}, timeout=0.2)
+            waiter.result()
+        except BaseException:
+            waiter.cancel()
+            raise
+        job.queue_position = None
+
+    async def _checks(self, job: Job, spec: VMSpec, peer: Peer) -> IncomingPlan:
+        req = MoveRequest(destination=Destination(name=job.destination, url=job.destination_url),
+                          options=job.options)  # fmt: skip
+        checks = self._local_checks(spec, req, in_job=True)
+        plan = await peer.prepare(self._incoming_request(job, spec, dry_run=True))
+        job.checks = checks + plan.checks
+        job.mode = plan.mode
+        failed = [c for c in job.checks if not c.ok]
+        if failed:
+            raise MoveFailed("; ".join(c.message for c in failed), failed[0].fix)
+        return plan
+
+    async def _setup(self, job: Job, spec: VMSpec, peer: Peer) -> IncomingPlan:
+        """Ask the destination for a skeleton VM; wait while it is busy with other moves."""
+        while True:
+            self._check_cancel(job)
+            try:
+                plan = await peer.prepare(self._incoming_request(job, spec, dry_run=False))
+                break
+            except ConflictError as exc:
+                if exc.field != "busy":
+                    raise
+                job.queue_position = 0  # waiting for the destination
+                await asyncio.sleep(1.0)
+        job.queue_position = None
+        job.mode = plan.mode
+        job.transport = self._incoming_request(job, spec, True).transport
+        return plan
+
+    async def _choose_address(self, job: Job, plan: IncomingPlan) -> str:
+        """The first destination migration address this host can open a connection to."""
+        tried = []
+        for addr in plan.candidates:
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(addr, plan.port), 3.0)
+                w.close()
+                job.address = addr
+                return addr
+            except (OSError, TimeoutError) as exc:
+                tried.append(f"{addr} ({exc.__class__.__name__})")
+        raise MoveFailed(
+            "no migration network available: tried " + (", ".join(tried) or "nothing"),
+            "check the migration networks on both hosts: ferry host migration-network list",
+        )
+
+    async def _mirror(self, job: Job, q: QmpSession, plan: IncomingPlan, address: str) -> None:
+        jobs = []
+        for disk in plan.mirrored:
+            await q.execute("blockdev-add", {
+                "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
+                "server": {"type": "inet", "host": address, "port": str(plan.nbd_port)},
+            })  # fmt: skip
+            await q.execute("blockdev-mirror", {
+                "job-id": f"mirror-{disk}", "device": f"drv-{disk}", "target": f"nbd-{disk}",
+                "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": True,
+            })  # fmt: skip
+            jobs.append(f"mirror-{disk}")
+
+        def progress(done: int, total: int) -> None:
+            job.progress.disk_transferred, job.progress.disk_total = done, total
+            self._check_cancel(job)
+            self._save(job, force=False)
+
+        await wait_block_jobs_ready(q, jobs, timeout=24 * 3600, on_progress=progress)
+
+    async def _precopy(self, job: Job, q: QmpSession, plan: IncomingPlan, address: str) -> None:
+        s = self._settings().migration
+        opts = job.options
+        req = self._incoming_request(job, self.vms.spec(job.vm), True)
+        await set_capabilities(
+            q, req.transport, req.streams, req.postcopy, incoming=False,
+            pause_before_switchover=bool(plan.mirrored),
+            auto_converge=opts.policy == "precopy" or not req.postcopy,
+        )  # fmt: skip
+        await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps,
+                                opts.downtime_target_ms)  # fmt: skip
+        await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
+        started = time.monotonic()
+        last_bytes, last_progress = -1, time.monotonic()
+        forced = False
+        while True:
+            info = await q.execute("query-migrate")
+            status = info.get("status", "none")
+            self._record(job, info)
+            moved = job.progress.ram_transferred + job.progress.disk_transferred
+            if moved != last_bytes:
+                last_bytes, last_progress = moved, time.monotonic()
+            if status == "completed":
+                job.qemu_downtime_ms = info.get("downtime")
+                job.bytes_sent = int(info.get("ram", {}).get("transferred", 0))
+                if job.phase is not Phase.SWITCHOVER:
+                    self._enter(job, Phase.SWITCHOVER)
+                return
+            if status in ("failed", "cancelled"):
+                raise MoveFailed(
+                    f"QEMU reports the migration {status}: {info.get('error-desc', 'no detail')}",
+                    "see the destination agent's log; the VM keeps running on the source",
+                )
+            if status == "pre-switchover":
+                self._enter(job, Phase.SWITCHOVER)
+                await self._finish_mirror(q, plan)
+                await q.execute("migrate-continue", {"state": "pre-switchover"})
+            elif status == "postcopy-active" and job.phase is not Phase.POSTCOPY:
+                self._enter(job, Phase.POSTCOPY)
+            elif status == "postcopy-paused":
+                raise MoveFailed(
+                    "the migration link broke during post-copy; the guest's memory is split "
+                    "between the hosts", "restore the link: QEMU keeps both halves paused",
+                )  # fmt: skip
+            if job.phase is Phase.PRECOPY:
+                self._check_cancel(job)
+                if time.monotonic() - last_progress > STALL_S:
+                    raise MoveFailed(
+                        f"no progress for {STALL_S:.0f} s: the migration link seems down",
+                        "check the migration network between the hosts",
+                    )
+                elapsed = time.monotonic() - started
+                if opts.timeout_s is not None and elapsed > opts.timeout_s and not forced:
+                    if opts.on_timeout == "abort":
+                        raise MoveFailed(
+                            f"did not finish within --timeout {opts.timeout_s:.0f} s",
+                            "use --on-timeout force, a higher --timeout, or --policy auto",
+                        )
+                    forced = True
+                    await self._force(job, q, req.postcopy)
+                elif await self._converge(job, q, req.postcopy, opts.policy):
+                    pass
+            await asyncio.sleep(POLL_S)
+
+    def _record(self, job: Job, info: dict[str, Any]) -> None:
+        ram = info.get("ram", {})
+        p = job.progress
+        p.ram_total = int(ram.get("total", p.ram_total))
+        p.ram_transferred = int(ram.get("transferred", p.ram_transferred))
+        p.ram_remaining = int(ram.get("remaining", p.ram_remaining))
+        p.passes = int(ram.get("dirty-sync-count", p.passes))
+        p.mbps = float(ram.get("mbps", p.mbps))
+        page = int(ram.get("page-size", 4096))
+        p.dirty_rate_bps = float(ram.get("dirty-pages-rate", 0)) * page
+        p.expected_downtime_ms = info.get("expected-downtime", p.expected_downtime_ms)
+        rate = p.mbps * 1e6 / 8
+        p.eta_s = round(p.ram_remaining / rate, 1) if rate > 0 else None
+        self._save(job, force=False)
+
+    async def _converge(self, job: Job, q: QmpSession, postcopy: bool, policy: str) -> bool:
+        """Escalate when pre-copy will not finish within the downtime target."""
+        if not postcopy or job.postcopy_used:
+            return False
+        p = job.progress
+        if policy == "postcopy":
+            due = p.passes >= 2
+        else:
+            rate = p.mbps * 1e6 / 8
+            # After two full passes, if the guest dirties memory at half the link rate or more,
+            # pre-copy will not get the remainder under the downtime target: go post-copy.
+            due = p.passes >= 3 and rate > 0 and p.dirty_rate_bps >= 0.5 * rate
+        if due:
+            await q.execute("migrate-start-postcopy")
+            job.postcopy_used = True
+            job.escalations.append(
+                f"post-copy after pass {p.passes} (dirty {p.dirty_rate_bps / 1e6:.0f} MB/s, "
+                f"link {p.mbps:.0f} Mbit/s)"
+            )
+            return True
+        return False
+
+    async def _force(self, job: Job, q: QmpSession, postcopy: bool) -> None:
+        if postcopy and not job.postcopy_used:
+            await q.execute("migrate-start-postcopy")
+            job.postcopy_used = True
+            job.escalations.append("timeout: forced post-copy")
+        else:
+            await q.execute("migrate-set-parameters", {"downtime-limit": 60_000})
+            job.escalations.append("timeout: forced switchover (downtime limit lifted)")
+
+    async def _finish_mirror(self, q: QmpSession, plan: IncomingPlan) -> None:
+        """At pre-switchover: complete the copies without pivoting, drop the NBD clients."""
+        for disk in plan.mirrored:
+            await q.execute("block-job-cancel", {"device": f"mirror-{disk}"})
+        deadline = time.monotonic() + 60
+        while True:
+            left = [j["device"] for j in await q.execute("query-block-jobs")
+                    if j["device"].startswith("mirror-")]  # fmt: skip
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise MoveFailed("disk mirrors did not finish at switchover")
+            await asyncio.sleep(0.005)
+        for disk in plan.mirrored:
+            await q.execute("blockdev-del", {"node-name": f"nbd-{disk}"})
+
+    async def _rollback(
+        self,
+        job: Job,
+        q: QmpSession,
+        peer: Peer,
+        was_paused: bool,
+        prepared: bool,
+        exc: BaseException,
+    ) -> None:
+        """Back to "VM running on the source, destination clean"."""
+        failed_phase = job.phase
+        self._enter(job, Phase.ROLLBACK)
+        job.phase = failed_phase  # the error names the phase that failed
+        with contextlib.suppress(QmpError):
+            info = await q.execute("query-migrate")
+            if info.get("status") in ("active", "setup", "pre-switchover", "device"):
+                await q.execute("migrate_cancel")
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    st = (await q.execute("query-migrate")).get("status")
+                    if st in ("cancelled", "failed", "completed", "none"):
+                        break
+                    await asyncio.sleep(0.05)
+        await _drop_mirrors(q)
+        with contextlib.suppress(QmpError):
+            st = await q.status()
+            if not was_paused and st in ("paused", "postmigrate", "finish-migrate"):
+                await q.execute("cont")
+        if prepared:
+            try:
+                await peer.abort(job.id)
+            except FerryError as err:
+                log.warning("move %s: destination cleanup failed: %s", job.id, err)
+        log.info("move %s rolled back (%s); %s stays on the source", job.id, exc, job.vm)
+
+    # -- agent restart -------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Settle jobs an earlier agent process left unfinished."""
+        for job in list(self.jobs.values()):
+            if job.state.terminal:
+                continue
+            peer = self._peers(Destination(name=job.destination, url=job.destination_url))
+            try:
+                await self._recover_one(job, peer)
+            except Exception as exc:  # record, never crash the agent
+                log.exception("recovering move %s", job.id)
+                job.state = JobState.FAILED
+                job.error = JobError(phase=job.phase, message=f"recovery failed: {exc}")
+            finally:
+                await peer.close()
+                job.finished_at = job.finished_at or time.time()
+                self._save(job)
+
+    async def _recover_one(self, job: Job, peer: Peer) -> None:
+        try:
+            qmp = self.vms.qmp_path(job.vm)
+        except NotFoundError:
+            job.state = JobState.FAILED
+            job.error = JobError(phase=job.phase, message="the VM is no longer on this host")
+            return
+        proc = self.vms.process(job.vm)
+        if proc is None or not proc.alive():
+            job.state = JobState.FAILED
+            job.error = JobError(phase=job.phase, message="the source QEMU is gone")
+            with contextlib.suppress(FerryError):
+                await peer.abort(job.id)
+            return
+        async with qmp_session(qmp) as q:
+            mig = (await q.execute("query-migrate")).get("status")
+            st = await q.status()
+            if mig == "completed" and st == "postmigrate":
+                self._enter(job, Phase.RESUME)
+                await peer.commit(job.id, False, None)
+                self._enter(job, Phase.CLEANUP)
+                await self.vms.release(job.vm, delete_files=job.mode == "shared-nothing")
+                job.state = JobState.COMPLETED
+                return
+            await self._rollback(job, q, peer, False, True, RuntimeError("agent restarted"))
+            job.state = JobState.FAILED
+            job.error = JobError(
+                phase=job.phase,
+                message="the source agent restarted during the move; the move was undone and "
+                "the VM keeps running on the source",
+                fix="start the move again",
+            )
+
+
+async def _drop_mirrors(q: QmpSession) -> None:
+    """Cancel every move mirror job and delete every NBD client node (idempotent)."""
+    with contextlib.suppress(QmpError):
+        for j in await q.execute("query-block-jobs"):
+            if j["device"].startswith("mirror-"):
+                with contextlib.suppress(QmpError):
+                    await q.execute("block-job-cancel", {"device": j["device"], "force": True})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            jobs = await q.execute("query-block-jobs")
+        except QmpError:
+            break
+        if not any(j["device"].startswith("mirror-") for j in jobs):
+            break
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(QmpError):
+        for node in await q.execute("query-named-block-nodes", {"flat": True}):
+            if str(node.get("node-name", "")).startswith("nbd-"):
+                with contextlib.suppress(QmpError):
+                    await q.execute("blockdev-del", {"node-name": node["node-name"]})
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as plain JSON (for the API)."""
+    data: dict[str, Any] = json.loads(job.model_dump_json())
+    return data

@@ -1,0 +1,463 @@
+"""The destination side of a live move: check, prepare a skeleton VM, receive, commit or undo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from vmferry import __version__
+from vmferry.errors import ConflictError, HostError, NotFoundError, RefusedError
+from vmferry.host.settings import HostSettings
+from vmferry.host.spec import CONFIG_FILE, DiskSpec, NicSpec, VMSpec
+from vmferry.host.storage import resolve_under_roots
+from vmferry.host.vms import VMManager, VMState
+from vmferry.migration.model import CheckResult, IncomingPlan, IncomingRequest
+from vmferry.migration.qemu_ops import set_capabilities
+from vmferry.migration.slots import Slots
+from vmferry.qemu.qmp import QmpError, qmp_session
+
+log = logging.getLogger("vmferry.migration")
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """``"1.2.3"`` → ``(1, 2, 3)`` (non-numeric parts count as 0)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
+
+
+def local_addresses() -> list[tuple[str, str]]:
+    """(address, interface) of every IPv4 address of this network namespace."""
+    out: list[tuple[str, str]] = []
+    with IPRoute() as ipr:
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for a in ipr.get_addr(family=2):
+            out.append((str(a.get_attr("IFA_ADDRESS")), names.get(int(a["index"]), "?")))
+    return out
+
+
+def migration_addresses(networks: list[str], addrs: list[tuple[str, str]]) -> list[str]:
+    """This host's addresses inside the migration networks, in the networks' order."""
+    out: list[str] = []
+    for net in networks:
+        for addr, _ifname in addrs:
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback:
+                continue
+            if (net == "any" or ip in ipaddress.ip_network(net)) and addr not in out:
+                out.append(addr)
+    return out
+
+
+@dataclass
+class Incoming:
+    """One VM being received."""
+
+    req: IncomingRequest
+    plan: IncomingPlan
+    created: list[Path] = field(default_factory=list)
+    created_dir: Path | None = None
+    listeners: list[asyncio.Server] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+class IncomingMoves:
+    """Receives VMs on this host."""
+
+    def __init__(self, vms: VMManager, settings: Callable[[], HostSettings], slots: Slots) -> None:
+        self.vms = vms
+        self._settings = settings
+        self.slots = slots
+        self.active: dict[str, Incoming] = {}
+
+    # -- checks ------------------------------------------------------------------------------
+    def _plan_storage(
+        self, req: IncomingRequest, settings: HostSettings
+    ) -> tuple[str, str, dict[str, str], list[str]]:
+        """Decide where every file goes: (mode, storage_dir, disk -> file, mirrored disks)."""
+        spec, opts = req.spec, req.options
+        roots = settings.storage_roots
+        src_dir = Path(spec.storage_dir)
+        visible = (
+            any(src_dir == Path(r) or Path(r) in src_dir.parents for r in roots)
+            and (src_dir / CONFIG_FILE).exists()
+            and VMSpec.model_validate_json((src_dir / CONFIG_FILE).read_text()).uuid == spec.uuid
+        )
+        if opts.vm_only:
+            if not visible:
+                raise RefusedError(
+                    f"--vm-only: this host does not see {src_dir} under its storage roots",
+                    field="vm_only",
+                    fix="put the VM on a shared volume both hosts see, or move its storage too",
+                )
+            return "shared", str(src_dir), {d.name: str(src_dir / d.file) for d in spec.disks}, []
+        if visible and not opts.storage_path and not opts.disk_map:
+            return "shared", str(src_dir), {d.name: str(src_dir / d.file) for d in spec.disks}, []
+        target = resolve_under_roots(opts.storage_path or spec.name, roots, "storage_path")
+        disks: dict[str, str] = {}
+        for d in spec.disks:
+            mapped = opts.disk_map.get(d.name) or opts.disk_map.get(str(src_dir / d.file))
+            if mapped:
+                disks[d.name] = str(resolve_under_roots(mapped, roots, f"disk_map[{d.name}]"))
+            else:
+                disks[d.name] = str(target / d.file)
+        return "shared-nothing", str(target), disks, [d.name for d in spec.disks]
+
+    def checks(self, req: IncomingRequest) -> tuple[list[CheckResult], IncomingPlan | None]:
+        """Every destination-side check, and the storage plan when the checks allow one."""
+        s = self._settings()
+        spec = req.spec
+        res: list[CheckResult] = []
+
+        def add(name: str, ok: bool, msg: str, fix: str | None = None) -> None:
+            res.append(CheckResult(name=name, ok=ok, message=msg, fix=None if ok else fix))
+
+        add(
+            "migration-enabled",
+            s.migration.enabled,
+            "live migration is enabled on the destination"
+            if s.migration.enabled
+            else f"live migration is disabled on {s.name}",
+            f"ferry --host {s.name} host set --migration-enabled",
+        )
+        newer = version_tuple(req.source_version) <= version_tuple(__version__)
+        add(
+            "agent-version",
+            newer,
+            f"destination vmferry {__version__} >= source {req.source_version}"
+            if newer
+            else f"destination runs vmferry {__version__}, older than the source's "
+            f"{req.source_version}; moving to an older version is refused",
+            "upgrade vmferry on the destination",
+        )
+        exists = spec.name in {v.name for v in self.vms.list()}
+        add(
+            "name-free",
+            not exists,
+            f"no VM named {spec.name!r} on the destination"
+            if not exists
+            else f"the destination already has a VM named {spec.name!r}",
+            "rename or delete the VM on the destination",
+        )
+        wanted = {req.options.switch_map.get(n.switch, n.switch) for n in spec.nics}
+        missing = sorted(w for w in wanted if w not in s.switches)
+        add(
+            "virtual-switches",
+            not missing,
+            "every virtual switch exists on the destination"
+            if not missing
+            else f"the destination has no virtual switch named {', '.join(missing)} "
+            f"(it has: {', '.join(sorted(s.switches)) or 'none'})",
+            "create it there, or map it: --switch-map OLD=NEW",
+        )
+        here = _cpu()
+        vendor_ok = here["vendor"] == req.cpu_vendor
+        add(
+            "cpu-vendor",
+            vendor_ok,
+            f"CPU vendor {here['vendor']} on both hosts"
+            if vendor_ok
+            else f"CPU vendor differs: source {req.cpu_vendor}, destination {here['vendor']}",
+            "live migration needs the same CPU vendor; use a quick or cold move",
+        )
+        if spec.cpu_model in ("host", "max"):
+            lacking = sorted(set(req.cpu_flags) - set(here["flags"]))
+            add(
+                "cpu-features",
+                not lacking,
+                "the destination CPU offers every feature of the VM's CPU"
+                if not lacking
+                else f"the destination CPU lacks {len(lacking)} feature(s) the VM uses: "
+                + ", ".join(lacking[:12]),
+                "turn on processor compatibility (a baseline CPU model such as qemu64)",
+            )
+        else:
+            add(
+                "cpu-features",
+                True,
+                f"the VM uses the named CPU model {spec.cpu_model}, checked by QEMU at setup",
+            )
+        free = self.vms.free_memory_mib()
+        add(
+            "memory",
+            spec.memory_mib <= free,
+            f"{spec.memory_mib} MiB needed, {free} MiB free on the destination",
+            "free memory on the destination or pick another host",
+        )
+        plan: IncomingPlan | None = None
+        try:
+            mode, sdir, disks, mirrored = self._plan_storage(req, s)
+        except RefusedError as exc:
+            add("storage", False, exc.message, exc.fix)
+        else:
+            need = sum(d.size_mib for d in spec.disks if d.name in mirrored) * 2**20
+            probe = Path(sdir)
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            free_disk = shutil.disk_usage(probe).free
+            add(
+                "disk-space",
+                need <= free_disk,
+                f"{need // 2**20} MiB of disks to copy, {free_disk // 2**20} MiB free at {sdir}",
+                "free space there or choose --storage-path elsewhere",
+            )
+            clash = [f for f in disks.values() if mode != "shared" and Path(f).exists()]
+            add(
+                "storage",
+                not clash,
+                f"{mode}: VM files go to {sdir}"
+                if not clash
+                else f"destination files already exist: {', '.join(clash)}",
+                "choose another --storage-path",
+            )
+            cands = migration_addresses(s.migration.networks, local_addresses())
+            add(
+                "migration-network",
+                bool(cands),
+                f"destination listens on {', '.join(cands)}"
+                if cands
+                else "no migration network available: the destination has no address in "
+                + ", ".join(s.migration.networks),
+                f"ferry --host {s.name} host migration-network add CIDR",
+            )
+            plan = IncomingPlan(
+                job_id=req.job_id,
+                mode="shared" if not mirrored else "shared-nothing",
+                storage_dir=sdir,
+                disks=disks,
+                mirrored=mirrored,
+                candidates=cands,
+            )
+        if plan is not None:
+            plan.checks = res
+        return res, plan
+
+    # -- prepare / start / commit / abort ----------------------------------------------------
+    def _ports(self) -> tuple[int, int]:
+        s = self._settings().migration
+        used = {p for inc in self.active.values() for p in (inc.plan.port, inc.plan.nbd_port)}
+        for port in range(s.port_min, s.port_max, 2):
+            if port not in used and port + 1 not in used:
+                return port, port + 1
+        raise ConflictError("no free port in the migration port range", field="port_min")
+
+    async def prepare(self, req: IncomingRequest) -> IncomingPlan:
+        """Check, then build the skeleton VM waiting for the stream (or just plan: dry run)."""
+        results, plan = await asyncio.to_thread(self.checks, req)
+        failed = [r for r in results if not r.ok]
+        if req.dry_run or plan is None or failed:
+            if plan is None:
+                plan = IncomingPlan(
+                    job_id=req.job_id, mode="shared", storage_dir="", disks={}, mirrored=[],
+                    candidates=[], checks=results,
+                )  # fmt: skip
+            if failed and not req.dry_run:
+                raise RefusedError(
+                    "; ".join(r.message for r in failed), field="destination", fix=failed[0].fix
+                )
+            return plan
+        if req.job_id in self.active:
+            raise ConflictError(f"move {req.job_id} is already being received")
+        if not self.slots.try_acquire(req.job_id):
+            raise ConflictError(
+                f"the destination is at its limit of {self._settings().migration.max_concurrent}"
+                " concurrent moves",
+                field="busy",
+                fix="the move waits in the queue and retries",
+            )
+        inc = Incoming(req=req, plan=plan)
+        try:
+            plan.port, plan.nbd_port = self._ports()
+            self.active[req.job_id] = inc
+            await self._build(inc)
+        except BaseException:
+            await self.abort(req.job_id)
+            raise
+        return plan
+
+    async def _build(self, inc: Incoming) -> None:
+        req, plan = inc.req, inc.plan
+        spec = req.spec
+        sdir = Path(plan.storage_dir)
+        if plan.mirrored:
+            if not sdir.exists():
+                inc.created_dir = sdir
+                sdir.mkdir(parents=True)
+            for d in spec.disks:
+                if d.name not in plan.mirrored:
+                    continue
+                target = Path(plan.disks[d.name])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                inc.created.append(target)
+                await _qemu_img_create(target, d.size_mib)
+        new_spec = spec.model_copy(
+            update={
+                "storage_dir": str(sdir),
+                "disks": [
+                    DiskSpec(
+                        name=d.name,
+                        file=os.path.relpath(plan.disks[d.name], sdir),
+                        size_mib=d.size_mib,
+                        fmt=d.fmt,
+                    )
+                    for d in spec.disks
+                ],
+                "nics": [
+                    NicSpec(switch=req.options.switch_map.get(n.switch, n.switch), mac=n.mac)
+                    for n in spec.nics
+                ],
+            }
+        )
+        write = plan.mode != "shared"
+        if write:
+            inc.created.append(sdir / CONFIG_FILE)
+        self.vms.register_incoming(new_spec, write_config=write)
+        if not write and new_spec != spec:
+            inc.req = req.model_copy(update={"spec": new_spec})
+        cfg = await self.vms.launch_incoming(spec.name)
+        async with qmp_session(cfg.qmp_socket) as q:
+            await set_capabilities(q, req.transport, req.streams, req.postcopy, incoming=True)
+        for addr in plan.candidates:
+            with contextlib.suppress(OSError):
+                server = await asyncio.start_server(
+                    _close_at_once, host=addr, port=plan.port, reuse_address=True
+                )
+                inc.listeners.append(server)
+        if not inc.listeners:
+            raise HostError(
+                f"cannot listen on any migration address ({', '.join(plan.candidates)}) "
+                f"port {plan.port}"
+            )
+
+    def _get(self, job_id: str) -> Incoming:
+        inc = self.active.get(job_id)
+        if inc is None:
+            raise NotFoundError(f"no incoming move {job_id} on this host", field="job_id")
+        return inc
+
+    async def start(self, job_id: str, address: str) -> None:
+        """Listen for the stream on ``address`` (the candidate the source could reach)."""
+        inc = self._get(job_id)
+        if address not in inc.plan.candidates:
+            raise RefusedError(f"{address} is not one of this host's migration addresses")
+        for server in inc.listeners:
+            server.close()
+            await server.wait_closed()
+        inc.listeners.clear()
+        inc.plan.candidates = [address]
+        name = inc.req.spec.name
+        try:
+            async with qmp_session(self.vms.qmp_path(name)) as q:
+                if inc.plan.mirrored:
+                    await q.execute(
+                        "nbd-server-start",
+                        {"addr": {"type": "inet", "data": {"host": address,
+                                                           "port": str(inc.plan.nbd_port)}}},
+                    )  # fmt: skip
+                    for disk in inc.plan.mirrored:
+                        await q.execute(
+                            "block-export-add",
+                            {"type": "nbd", "id": f"exp-{disk}", "node-name": f"drv-{disk}",
+                             "name": disk, "writable": True},
+                        )  # fmt: skip
+                await q.execute("migrate-incoming", {"uri": f"tcp:{address}:{inc.plan.port}"})
+        except QmpError as exc:
+            raise HostError(f"destination could not start receiving: {exc}") from exc
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        """The destination QEMU's view (run state and migration status)."""
+        inc = self._get(job_id)
+        name = inc.req.spec.name
+        proc = self.vms.process(name)
+        if proc is None or not proc.alive():
+            return {"alive": False, "status": "gone", "migration": "failed"}
+        async with qmp_session(self.vms.qmp_path(name), timeout=3) as q:
+            st = await q.status()
+            mig = await q.execute("query-migrate")
+        return {"alive": True, "status": st, "migration": mig.get("status", "none")}
+
+    async def commit(self, job_id: str, paused: bool, started_at: float | None) -> dict[str, Any]:
+        """The stream is complete: make sure the guest runs here, announce it, own it."""
+        inc = self._get(job_id)
+        name = inc.req.spec.name
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+        async with qmp_session(self.vms.qmp_path(name)) as q:
+            deadline = time.monotonic() + 60
+            while True:
+                st = await q.status()
+                if st in ("running", "paused"):
+                    break
+                if st not in ("inmigrate", "postmigrate", "prelaunch", "finish-migrate"):
+                    raise HostError(f"destination QEMU is in state {st!r} after the stream")
+                if time.monotonic() > deadline:
+                    raise HostError("destination QEMU did not resume within 60 s")
+                await asyncio.sleep(0.005)
+            timings["resumed_after_s"] = time.monotonic() - t0
+            if paused and st == "running":
+                await q.execute("stop")
+            elif not paused and st == "paused":
+                await q.execute("cont")
+            await q.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 50})
+            if inc.plan.mirrored:
+                with contextlib.suppress(QmpError):
+                    await q.execute("nbd-server-stop")
+        if inc.plan.mode == "shared" and inc.req.spec != self.vms.spec(name):
+            cfg = Path(inc.plan.storage_dir) / CONFIG_FILE
+            cfg.write_text(inc.req.spec.model_dump_json(indent=2))
+        info = self.vms.commit_incoming(name, paused, started_at)
+        self.active.pop(job_id, None)
+        self.slots.release(job_id)
+        log.info("received VM %s (move %s)", name, job_id)
+        return {"vm": info.model_dump(mode="json"), **timings}
+
+    async def abort(self, job_id: str) -> None:
+        """Undo everything prepared for this move; the source keeps the VM."""
+        inc = self.active.pop(job_id, None)
+        self.slots.release(job_id)
+        if inc is None:
+            return
+        for server in inc.listeners:
+            server.close()
+        name = inc.req.spec.name
+        try:
+            state = self.vms.state(name)
+        except NotFoundError:
+            state = None
+        if state is VMState.INCOMING:
+            self.vms.discard_incoming(name, inc.created)
+        else:
+            for f in inc.created:
+                f.unlink(missing_ok=True)
+        if inc.created_dir is not None:
+            shutil.rmtree(inc.created_dir, ignore_errors=True)
+        log.info("aborted incoming move %s of %s", job_id, name)
+
+
+async def _close_at_once(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.close()
+
+
+def _cpu() -> dict[str, Any]:
+    from vmferry.host.host import cpu_info
+
+    return cpu_info()
+
+
+async def _qemu_img_create(path: Path, size_mib: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{size_mib}M",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HostError(f"qemu-img create {path} failed: {err.decode().strip()}")

@@ -1,0 +1,201 @@
+"""What a move is: the request, the messages between agents, and the job record."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from vmferry.host.spec import VMSpec
+
+Transport = Literal["tcp", "compression", "multichannel"]
+Policy = Literal["auto", "precopy", "postcopy"]
+
+
+class Phase(StrEnum):
+    """The phases of a live move, in order."""
+
+    QUEUED = "queued"
+    CHECKS = "checks"
+    SETUP = "setup"
+    MIRROR = "mirror"
+    PRECOPY = "precopy"
+    POSTCOPY = "postcopy"
+    SWITCHOVER = "switchover"
+    RESUME = "resume"
+    ANNOUNCE = "announce"
+    CLEANUP = "cleanup"
+    ROLLBACK = "rollback"
+
+
+class JobState(StrEnum):
+    """Where a job stands."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job will not change again."""
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Destination(BaseModel):
+    """Where to: the destination agent's name and URL (from the caller's client config)."""
+
+    name: str
+    url: str
+
+
+class MoveOptions(BaseModel):
+    """How to move (``ferry move`` options); unset fields take the host's defaults."""
+
+    storage_path: str | None = None
+    disk_map: dict[str, str] = Field(default_factory=dict)
+    vm_only: bool = False
+    switch_map: dict[str, str] = Field(default_factory=dict)
+    transport: Transport | None = None
+    streams: int | None = Field(default=None, ge=1, le=64)
+    bandwidth_mbps: int | None = Field(default=None, ge=1)
+    policy: Policy = "auto"
+    downtime_target_ms: int = Field(default=50, ge=1, le=60_000)
+    timeout_s: float | None = Field(default=None, gt=0)
+    on_timeout: Literal["abort", "force"] = "abort"
+
+
+class MoveRequest(BaseModel):
+    """``POST /v1/vms/{name}/move``."""
+
+    destination: Destination
+    options: MoveOptions = Field(default_factory=MoveOptions)
+    what_if: bool = False
+
+
+class CheckResult(BaseModel):
+    """One pre-move check."""
+
+    name: str
+    ok: bool
+    message: str
+    fix: str | None = None
+
+
+class IncomingRequest(BaseModel):
+    """Source → destination: prepare to receive this VM."""
+
+    job_id: str
+    source: str
+    source_version: str
+    spec: VMSpec
+    options: MoveOptions
+    transport: Transport
+    streams: int
+    postcopy: bool
+    cpu_vendor: str
+    cpu_flags: list[str]
+    dry_run: bool = False
+
+
+class IncomingPlan(BaseModel):
+    """Destination → source: what it prepared (or would prepare, for a dry run)."""
+
+    job_id: str
+    mode: Literal["shared", "shared-nothing", "mixed"]
+    storage_dir: str
+    disks: dict[str, str]  # disk name -> destination file
+    mirrored: list[str]  # disks whose bytes must be copied
+    candidates: list[str]  # destination addresses, in the order of its migration networks
+    port: int = 0
+    nbd_port: int = 0
+    checks: list[CheckResult] = Field(default_factory=list)
+
+
+class PhaseRecord(BaseModel):
+    """Timing of one phase."""
+
+    phase: Phase
+    started_at: float
+    ended_at: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """How long the phase took."""
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+
+class Progress(BaseModel):
+    """Live figures of the memory and storage copy."""
+
+    ram_total: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    disk_total: int = 0
+    disk_transferred: int = 0
+    passes: int = 0
+    mbps: float = 0.0
+    dirty_rate_bps: float = 0.0
+    expected_downtime_ms: int | None = None
+    eta_s: float | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed: the phase, the cause and what to do."""
+
+    phase: Phase
+    message: str
+    fix: str | None = None
+
+
+class Job(BaseModel):
+    """A move job, as stored on the source host and shown by ``ferry migration show``."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    kind: Literal["live"] = "live"
+    vm: str
+    source: str
+    destination: str
+    destination_url: str
+    options: MoveOptions
+    state: JobState = JobState.QUEUED
+    phase: Phase = Phase.QUEUED
+    queue_position: int | None = None
+    mode: str | None = None
+    transport: str | None = None
+    address: str | None = None
+    postcopy_used: bool = False
+    escalations: list[str] = Field(default_factory=list)
+    phases: list[PhaseRecord] = Field(default_factory=list)
+    progress: Progress = Field(default_factory=Progress)
+    checks: list[CheckResult] = Field(default_factory=list)
+    qemu_downtime_ms: int | None = None
+    total_s: float | None = None
+    bytes_sent: int = 0
+    error: JobError | None = None
+    created_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+
+    @field_validator("phases")
+    @classmethod
+    def _ordered(cls, v: list[PhaseRecord]) -> list[PhaseRecord]:
+        return sorted(v, key=lambda p: p.started_at)
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view used by listings."""
+        return {
+            "id": self.id,
+            "vm": self.vm,
+            "source": self.source,
+            "destination": self.destination,
+            "state": self.state.value,
+            "phase": self.phase.value,
+            "mode": self.mode,
+            "total_s": self.total_s,
+            "qemu_downtime_ms": self.qemu_downtime_ms,
+            "created_at": self.created_at,
+        }

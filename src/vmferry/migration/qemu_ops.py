@@ -1,0 +1,76 @@
+"""QMP recipes for moves: capabilities, parameters, mirrors. Both ends use them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from vmferry.qemu.qmp import QmpError, QmpSession
+
+#: QEMU's default 128 MiB/s cap would throttle every move; this is "no cap".
+UNLIMITED_BPS = 1 << 40
+
+
+async def set_capabilities(
+    q: QmpSession,
+    transport: str,
+    streams: int,
+    postcopy: bool,
+    *,
+    incoming: bool,
+    pause_before_switchover: bool = False,
+    auto_converge: bool = False,
+) -> None:
+    """Set the migration capabilities and stream parameters; both ends must agree."""
+    multifd = transport in ("compression", "multichannel")
+    caps: dict[str, bool] = {
+        "events": True,
+        "multifd": multifd,
+        # Post-copy and multifd do not combine in QEMU 7.2.
+        "postcopy-ram": postcopy and not multifd,
+    }
+    if not incoming:
+        caps["pause-before-switchover"] = pause_before_switchover
+        caps["auto-converge"] = auto_converge
+    await q.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+    )
+    if multifd:
+        params: dict[str, Any] = {
+            "multifd-channels": streams if transport == "multichannel" else max(2, streams),
+            "multifd-compression": "zstd" if transport == "compression" else "none",
+        }
+        if transport == "compression":
+            params["multifd-zstd-level"] = 1
+        await q.execute("migrate-set-parameters", params)
+
+
+async def set_stream_limits(q: QmpSession, bandwidth_mbps: int | None, downtime_ms: int) -> None:
+    """Bandwidth cap (none unless asked: QEMU's default is never left in place) and downtime."""
+    bps = UNLIMITED_BPS if bandwidth_mbps is None else bandwidth_mbps * 1_000_000 // 8
+    await q.execute(
+        "migrate-set-parameters",
+        {"max-bandwidth": bps, "downtime-limit": downtime_ms, "announce-initial": 20},
+    )
+
+
+async def wait_block_jobs_ready(
+    q: QmpSession, jobs: list[str], timeout: float, on_progress: Any = None
+) -> None:
+    """Wait until every mirror job is in sync (``ready``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = {j["device"]: j for j in await q.execute("query-block-jobs")}
+        missing = [j for j in jobs if j not in info]
+        if missing:
+            raise QmpError(f"mirror job(s) {', '.join(missing)} vanished")
+        if on_progress is not None:
+            on_progress(sum(int(j["offset"]) for j in info.values()),
+                        sum(int(j["len"]) for j in info.values()))  # fmt: skip
+        if all(info[j].get("ready") for j in jobs):
+            return
+        if time.monotonic() > deadline:
+            raise QmpError(f"mirrors did not reach sync within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
