@@ -126,3 +126,34 @@ def serial_lines(lab: LabHandle, host: str, vm: str, prefix: str) -> list[str]:
 def files_under(p: Path) -> set[str]:
     """Every path below ``p`` (for nothing-changed assertions)."""
     return {str(x) for x in p.rglob("*")}
+
+
+def move(
+    lab: LabHandle, src: str, vm: str, dst: str, wait: bool = True, **options: Any
+) -> dict[str, Any]:
+    """Start a live move through the API and (by default) wait for it to end."""
+    ep = lab.lab.endpoint(dst)
+    with lab.client(src) as c:
+        job = c.move(vm, {"destination": {"name": dst, "url": ep.url}, "options": options})
+        if not wait:
+            return job
+        return wait_job(lab, src, job["id"])
+
+
+def wait_job(lab: LabHandle, src: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    """Wait for a move to complete, fail or be cancelled."""
+    with lab.client(src) as c:
+        return wait_for(
+            lambda: (
+                (j := c.migration(job_id))["state"] in ("completed", "failed", "cancelled") and j
+            ),
+            timeout,
+            f"migration {job_id}",
+            interval=0.2,
+        )
+
+
+def vm_names(lab: LabHandle, host: str) -> list[str]:
+    """Names of the VMs a host has."""
+    with lab.client(host) as c:
+        return [v["name"] for v in c.vms()]

@@ -278,7 +278,7 @@ def test_start_probe_stop_and_already_exited(tmp_path: Path) -> None:
 
 def test_stop_without_result_raises(tmp_path: Path) -> None:
     lab = fake_lab(tmp_path)
-    p = start_probe(lab, "blackout", LOOP, 0.2)
+    p = start_probe(lab, "blackout", LOOP, 30)
     os.kill(p.pid, signal.SIGKILL)  # dies before writing anything
     with pytest.raises(HostError):
         p.stop(timeout=2)

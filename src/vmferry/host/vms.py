@@ -200,6 +200,21 @@ class VMManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _op_lock(self, name: str) -> asyncio.Lock:
+        """The VM's lock for an admin operation; refused at once while the VM is moving."""
+        if self._busy.get(name) is VMState.MIGRATING:
+            raise ConflictError(
+                f"VM {name!r} is being moved",
+                field="name",
+                fix="wait for the move, or cancel it: ferry migration cancel ID",
+            )
+        if name in self._registry() and self.state(name) is VMState.INCOMING:
+            raise ConflictError(
+                f"VM {name!r} is arriving by live migration", field="name",
+                fix="wait for the move to finish",
+            )  # fmt: skip
+        return self._lock(name)
+
     # -- state -----------------------------------------------------------------------------
     def _state(self, spec: VMSpec, rt: Runtime) -> VMState:
         busy = self._busy.get(spec.name)
@@ -230,6 +245,7 @@ class VMManager:
             VMState.SHUTTING_DOWN,
             VMState.SAVING,
             VMState.MIGRATING,
+            VMState.INCOMING,
         )
         return VMInfo(
             name=spec.name,
@@ -424,7 +440,7 @@ class VMManager:
 
     async def delete(self, name: str) -> None:
         """Delete an off, saved or crashed VM: its configuration, disks and saved state."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec = self._spec(name)
             rt = self._runtime(spec)
             state = self._state(spec, rt)
@@ -550,7 +566,7 @@ class VMManager:
         spec = self._spec(name)
         if self._state(spec, self._runtime(spec)) is VMState.SAVED:
             return await self.restore(name)
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec = self._spec(name)
             rt = self._runtime(spec)
             state = self._state(spec, rt)
@@ -592,7 +608,7 @@ class VMManager:
 
     async def stop(self, name: str) -> VMInfo:
         """Turn the VM off at once (like pulling the plug)."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(
                 name, VMState.RUNNING, VMState.PAUSED, VMState.CRASHED, VMState.STARTING
             )
@@ -619,7 +635,7 @@ class VMManager:
 
     async def shutdown(self, name: str, timeout: float = 60.0) -> VMInfo:
         """ACPI power-button shutdown; turned off by force when the guest ignores it."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
             self._busy[name] = VMState.SHUTTING_DOWN
             sock = self._qmp_path(spec)
@@ -654,7 +670,7 @@ class VMManager:
 
     async def pause(self, name: str) -> VMInfo:
         """Freeze the VM's vCPUs (it keeps its memory)."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.RUNNING)
             await self._qmp(spec, "stop")
             rt.expected = VMState.PAUSED.value
@@ -663,7 +679,7 @@ class VMManager:
 
     async def resume(self, name: str) -> VMInfo:
         """Continue a paused VM."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.PAUSED)
             await self._qmp(spec, "cont")
             rt.expected = VMState.RUNNING.value
@@ -680,7 +696,7 @@ class VMManager:
     # -- save / restore --------------------------------------------------------------------
     async def save(self, name: str) -> VMInfo:
         """Write the VM's memory and device state to its storage folder and turn it off."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
             was_paused = self._state(spec, rt) is VMState.PAUSED
             final = Path(spec.storage_dir) / STATE_FILE
@@ -719,7 +735,7 @@ class VMManager:
 
     async def restore(self, name: str) -> VMInfo:
         """Bring a saved VM back exactly where it was (no reboot); the state file is consumed."""
-        async with self._lock(name):
+        async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.SAVED)
             state_file = Path(spec.storage_dir) / STATE_FILE
             if not state_file.exists():

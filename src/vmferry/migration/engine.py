@@ -46,8 +46,6 @@ from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
 
 log = logging.getLogger("vmferry.migration")
 
-#: No progress for this long while copying means the link is gone.
-STALL_S = 20.0
 POLL_S = 0.02
 
 
@@ -467,9 +465,10 @@ class Moves:
                 )  # fmt: skip
             if job.phase is Phase.PRECOPY:
                 self._check_cancel(job)
-                if time.monotonic() - last_progress > STALL_S:
+                if time.monotonic() - last_progress > opts.stall_timeout_s:
                     raise MoveFailed(
-                        f"no progress for {STALL_S:.0f} s: the migration link seems down",
+                        f"no progress for {opts.stall_timeout_s:.0f} s: the migration link "
+                        "seems down",
                         "check the migration network between the hosts",
                     )
                 elapsed = time.monotonic() - started

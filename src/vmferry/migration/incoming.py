@@ -231,7 +231,7 @@ class IncomingMoves:
             )
             plan = IncomingPlan(
                 job_id=req.job_id,
-                mode="shared" if not mirrored else "shared-nothing",
+                mode="shared" if mode == "shared" else "shared-nothing",
                 storage_dir=sdir,
                 disks=disks,
                 mirrored=mirrored,
@@ -288,7 +288,7 @@ class IncomingMoves:
         req, plan = inc.req, inc.plan
         spec = req.spec
         sdir = Path(plan.storage_dir)
-        if plan.mirrored:
+        if plan.mode != "shared":
             if not sdir.exists():
                 inc.created_dir = sdir
                 sdir.mkdir(parents=True)

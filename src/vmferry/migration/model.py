@@ -67,6 +67,8 @@ class MoveOptions(BaseModel):
     downtime_target_ms: int = Field(default=50, ge=1, le=60_000)
     timeout_s: float | None = Field(default=None, gt=0)
     on_timeout: Literal["abort", "force"] = "abort"
+    #: No progress for this long while copying means the migration link is gone.
+    stall_timeout_s: float = Field(default=20.0, ge=1, le=3600)
 
 
 class MoveRequest(BaseModel):
