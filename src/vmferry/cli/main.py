@@ -166,6 +166,9 @@ def vm_create(
         str | None, typer.Option("--storage-dir", help="under a storage root")
     ] = None,
     start: Annotated[bool, typer.Option("--start", help="start it once created")] = False,
+    postcopy: Annotated[
+        bool, typer.Option("--postcopy/--no-postcopy", help="may live moves use post-copy")
+    ] = True,
     output: OutputOpt = None,
 ) -> None:
     """Create a VM (it stays off unless --start)."""
@@ -182,6 +185,7 @@ def vm_create(
         "nics": nics,
         "boot": {"kind": boot, "kernel": kernel, "initrd": initrd, "cmdline": cmdline},
         "storage_dir": storage_dir,
+        "allow_postcopy": postcopy,
     }
     if boot == "probe":
         probe: dict[str, Any] = {"ip": ip, "dirty": dirty}

@@ -121,6 +121,7 @@ class VMCreate(BaseModel):
     boot: BootSpec = Field(default_factory=BootSpec)
     probe: ProbeSpec | None = None
     storage_dir: str | None = None
+    allow_postcopy: bool = True
 
     @field_validator("name")
     @classmethod
@@ -165,4 +166,7 @@ class VMSpec(BaseModel):
     nics: list[NicSpec] = Field(default_factory=list)
     boot: BootSpec = Field(default_factory=BootSpec)
     probe: ProbeSpec | None = None
+    #: Post-copy finishes any move but loses the VM if the link breaks unrecovered;
+    #: admins may forbid it per VM.
+    allow_postcopy: bool = True
     created_at: float = Field(default_factory=time.time)

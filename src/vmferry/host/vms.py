@@ -392,6 +392,7 @@ class VMManager:
                 nics=nics,
                 boot=req.boot,
                 probe=req.probe,
+                allow_postcopy=req.allow_postcopy,
             )
             created_dir = not storage_dir.exists()
             made: list[Path] = []

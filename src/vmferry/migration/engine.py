@@ -180,7 +180,9 @@ class Moves:
 
     def _incoming_request(self, job: Job, spec: VMSpec, dry_run: bool) -> IncomingRequest:
         s = self._settings()
-        transport = job.options.transport or s.migration.transport
+        transport = (
+            "tcp" if job.options.qemu_defaults else (job.options.transport or s.migration.transport)
+        )
         cpu = cpu_info()
         return IncomingRequest(
             job_id=job.id,
@@ -190,7 +192,10 @@ class Moves:
             options=job.options,
             transport=transport,
             streams=job.options.streams or s.migration.streams,
-            postcopy=job.options.policy != "precopy" and transport == "tcp",
+            postcopy=job.options.policy != "precopy"
+            and transport == "tcp"
+            and spec.allow_postcopy
+            and not job.options.qemu_defaults,
             cpu_vendor=cpu["vendor"],
             cpu_flags=cpu["flags"],
             dry_run=dry_run,
@@ -426,10 +431,11 @@ class Moves:
         await set_capabilities(
             q, req.transport, req.streams, req.postcopy, incoming=False,
             pause_before_switchover=bool(plan.mirrored),
-            auto_converge=opts.policy == "precopy" or not req.postcopy,
+            auto_converge=not opts.qemu_defaults and (opts.policy == "precopy" or not req.postcopy),
         )  # fmt: skip
-        await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps,
-                                opts.downtime_target_ms)  # fmt: skip
+        if not opts.qemu_defaults:
+            await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps,
+                                    opts.downtime_target_ms)  # fmt: skip
         await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
         started = time.monotonic()
         last_bytes, last_progress = -1, time.monotonic()
@@ -441,7 +447,10 @@ class Moves:
             moved = job.progress.ram_transferred + job.progress.disk_transferred
             if moved != last_bytes:
                 last_bytes, last_progress = moved, time.monotonic()
+            if job.first_pass_bytes is None and job.progress.passes >= 2:
+                job.first_pass_bytes = int(info.get("ram", {}).get("normal-bytes", 0))
             if status == "completed":
+                job.qemu_stats = info
                 job.qemu_downtime_ms = info.get("downtime")
                 job.bytes_sent = int(info.get("ram", {}).get("transferred", 0))
                 if job.phase is not Phase.SWITCHOVER:

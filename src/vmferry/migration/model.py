@@ -67,6 +67,9 @@ class MoveOptions(BaseModel):
     downtime_target_ms: int = Field(default=50, ge=1, le=60_000)
     timeout_s: float | None = Field(default=None, gt=0)
     on_timeout: Literal["abort", "force"] = "abort"
+    #: Benchmark baseline only: drive QEMU with its own defaults (plain ``migrate``: the
+    #: 128 MiB/s cap, 300 ms downtime limit, one stream, no post-copy, no throttling).
+    qemu_defaults: bool = False
     #: No progress for this long while copying means the migration link is gone.
     stall_timeout_s: float = Field(default=20.0, ge=1, le=3600)
 
@@ -176,6 +179,8 @@ class Job(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     checks: list[CheckResult] = Field(default_factory=list)
     qemu_downtime_ms: int | None = None
+    qemu_stats: dict[str, Any] = Field(default_factory=dict)
+    first_pass_bytes: int | None = None
     total_s: float | None = None
     bytes_sent: int = 0
     error: JobError | None = None
