@@ -1,7 +1,8 @@
-"""``make bench``: benchmarks in a real lab. Today: guest boot and save/restore.
+"""``make bench``: benchmarks in a real lab: guest boot and save/restore, live migration.
 
-Reports go to bench/results/<name>.md and .json with the command that produced them.
-Run as root: ``.venv/bin/python -m bench.run [--runs N]``.
+Reports go to bench/results/<name>.md and .json (migrate also .png) with the command that
+produced them. Run as root: ``.venv/bin/python -m bench.run [--only boot|migrate] [--runs N]``
+(``--runs`` defaults to 5 for boot and 1 for migrate; see :mod:`bench.migrate`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -100,21 +102,51 @@ def _report(name: str, rows: list[dict[str, float]], command: str) -> None:
     print(f"wrote {RESULTS / name}.md and .json")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run every benchmark."""
-    ap = argparse.ArgumentParser(prog="bench.run")
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args(argv)
+def run_boot(runs: int, command: str) -> None:
+    """The boot and save/restore benchmark on a 1-host lab."""
     base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
     lab = Lab(base / "lab")
     try:
         lab.up(1)
-        rows = boot_and_save(lab, max(1, min(args.runs, 50)))
+        rows = boot_and_save(lab, max(1, min(runs, 50)))
     finally:
         lab.down()
-    _report("boot", rows, f"make bench  (python -m bench.run --runs {args.runs})")
+    _report("boot", rows, command)
+
+
+def run_migrate(runs: int, budget: float, scenarios: list[str] | None, command: str) -> None:
+    """The live-migration benchmark on a 2-host 1 Gbit/s lab."""
+    from bench import migrate
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    runs = max(1, min(runs, 20))
+    rows = migrate.run_all(base / "lab", runs, budget, scenarios)
+    migrate.report(rows, command, budget, runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every benchmark (or only one with ``--only``)."""
+    from bench.migrate import BUDGET_S, SCENARIOS
+
+    ap = argparse.ArgumentParser(prog="bench.run")
+    ap.add_argument("--only", choices=("boot", "migrate"), help="run only this benchmark")
+    ap.add_argument("--runs", type=int, help="repeats (default: 5 for boot, 1 for migrate)")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="migrate: seconds per move")
+    ap.add_argument("--scenarios", help="migrate: comma-separated subset of "
+                    + ",".join(sc.key for sc in SCENARIOS))  # fmt: skip
+    args = ap.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "bench.run", *given])
+    if args.only in (None, "boot"):
+        runs = args.runs or 5
+        run_boot(runs, f"make bench  (python -m bench.run --runs {runs})"
+                 if not given else command)  # fmt: skip
+    if args.only in (None, "migrate"):
+        scenarios = args.scenarios.split(",") if args.scenarios else None
+        run_migrate(args.runs or 1, args.budget, scenarios, command)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

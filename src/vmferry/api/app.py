@@ -203,6 +203,10 @@ def create_app(
     async def incoming_commit(job_id: str, body: CommitIncoming) -> dict[str, Any]:
         return await incoming.commit(job_id, body.paused, body.started_at)
 
+    @app.post("/v1/migrations/incoming/{job_id}/recover")
+    async def incoming_recover(job_id: str, body: StartIncoming) -> dict[str, int]:
+        return {"port": await incoming.recover(job_id, body.address)}
+
     @app.post("/v1/migrations/incoming/{job_id}/abort", status_code=204)
     async def incoming_abort(job_id: str) -> Response:
         await incoming.abort(job_id)

@@ -80,6 +80,13 @@ class HttpPeer:
         """Undo the destination's preparations."""
         await self._call("POST", f"/v1/migrations/incoming/{job_id}/abort")
 
+    async def recover(self, job_id: str, address: str) -> int:
+        """Post-copy recovery: the destination listens again and says on which port."""
+        data = await self._call(
+            "POST", f"/v1/migrations/incoming/{job_id}/recover", {"address": address}
+        )
+        return int(data["port"])
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()

@@ -149,6 +149,9 @@ class VMManager:
         self._registry_path = state_dir / "vms.json"
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: dict[str, VMState] = {}
+        #: Specs of incoming VMs whose configuration file (on a shared volume) still belongs to
+        #: the source until the move commits.
+        self._pending: dict[str, VMSpec] = {}
         self._monitor: asyncio.Task[None] | None = None
         (state_dir / "run").mkdir(parents=True, exist_ok=True)
 
@@ -165,6 +168,8 @@ class VMManager:
         os.replace(tmp, self._registry_path)
 
     def _spec(self, name: str) -> VMSpec:
+        if name in self._pending:
+            return self._pending[name]
         path = self._registry().get(name)
         if path is None:
             raise NotFoundError(
@@ -813,9 +818,9 @@ class VMManager:
             )
         cfg = Path(spec.storage_dir) / CONFIG_FILE
         if write_config:
-            tmp = cfg.with_suffix(".tmp")
-            tmp.write_text(spec.model_dump_json(indent=2))
-            os.replace(tmp, cfg)
+            _write_spec(cfg, spec)
+        else:
+            self._pending[spec.name] = spec
         reg[spec.name] = str(cfg)
         self._write_registry(reg)
         self._save_runtime(spec, Runtime(expected=VMState.INCOMING.value))
@@ -835,6 +840,8 @@ class VMManager:
     def commit_incoming(self, name: str, paused: bool, started_at: float | None) -> VMInfo:
         """The VM now runs here: record it as running (or paused)."""
         spec = self._spec(name)
+        if self._pending.pop(name, None) is not None:
+            _write_spec(Path(spec.storage_dir) / CONFIG_FILE, spec)
         rt = self._runtime(spec)
         rt.expected = (VMState.PAUSED if paused else VMState.RUNNING).value
         rt.started_at = started_at or time.time()
@@ -856,6 +863,7 @@ class VMManager:
         for f in files:
             f.unlink(missing_ok=True)
         self._forget(spec)
+        self._pending.pop(name, None)
 
     def _forget(self, spec: VMSpec) -> None:
         shutil.rmtree(self._run_dir(spec), ignore_errors=True)
@@ -929,6 +937,12 @@ class VMManager:
             if status == "shutdown":
                 log.info("VM %s powered itself off", name)
                 await self._quit(spec, rt)
+
+
+def _write_spec(path: Path, spec: VMSpec) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(spec.model_dump_json(indent=2))
+    os.replace(tmp, path)
 
 
 async def _wait_migration(q: QmpSession, timeout: float) -> None:

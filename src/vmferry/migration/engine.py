@@ -59,6 +59,7 @@ class Peer(Protocol):
         self, job_id: str, paused: bool, started_at: float | None
     ) -> dict[str, Any]: ...
     async def abort(self, job_id: str) -> None: ...
+    async def recover(self, job_id: str, address: str) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -135,8 +136,8 @@ class Moves:
         if job is None:
             raise NotFoundError(f"no migration {job_id!r} on this host", field="id",
                                 fix="see ferry migration list")  # fmt: skip
-        if job.queue_position is not None:
-            job.queue_position = self.slots.position(job.id)
+        if job.state is JobState.QUEUED:
+            job.queue_position = self.slots.position(job.id) or job.queue_position
         return job
 
     # -- submit / cancel -------------------------------------------------------------------
@@ -304,7 +305,7 @@ class Moves:
                             self._enter(job, Phase.MIRROR)
                             await self._mirror(job, q, plan, address)
                         self._enter(job, Phase.PRECOPY)
-                        await self._precopy(job, q, plan, address)
+                        await self._precopy(job, q, plan, address, peer)
                     except BaseException as exc:
                         await self._rollback(job, q, peer, was_paused, prepared, exc)
                         raise
@@ -424,7 +425,40 @@ class Moves:
 
         await wait_block_jobs_ready(q, jobs, timeout=24 * 3600, on_progress=progress)
 
-    async def _precopy(self, job: Job, q: QmpSession, plan: IncomingPlan, address: str) -> None:
+    async def _recover_postcopy(self, job: Job, q: QmpSession, peer: Peer, address: str) -> None:
+        """The link broke in post-copy: both halves wait; reconnect when the link is back.
+
+        The guest is paused (its memory is split between the hosts) until QEMU's post-copy
+        recovery succeeds; vmferry retries for ``recover_timeout_s``.
+        """
+        job.escalations.append("post-copy link broke; recovering")
+        self._save(job)
+        deadline = time.monotonic() + job.options.recover_timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                port = await peer.recover(job.id, address)
+                await q.execute("migrate", {"uri": f"tcp:{address}:{port}", "resume": True})
+            except (FerryError, QmpError) as exc:
+                log.info("move %s: post-copy recovery attempt failed: %s", job.id, exc)
+                continue
+            for _ in range(100):
+                st = (await q.execute("query-migrate")).get("status")
+                if st in ("postcopy-active", "completed"):
+                    job.escalations.append("post-copy recovered")
+                    return
+                if st == "postcopy-paused":
+                    break
+                await asyncio.sleep(0.1)
+        raise MoveFailed(
+            f"post-copy could not reconnect within {job.options.recover_timeout_s:.0f} s; the "
+            "guest stays paused with its memory split between the hosts",
+            "restore the migration link; QEMU keeps both halves, recovery can be retried",
+        )
+
+    async def _precopy(
+        self, job: Job, q: QmpSession, plan: IncomingPlan, address: str, peer: Peer
+    ) -> None:
         s = self._settings().migration
         opts = job.options
         req = self._incoming_request(job, self.vms.spec(job.vm), True)
@@ -468,10 +502,7 @@ class Moves:
             elif status == "postcopy-active" and job.phase is not Phase.POSTCOPY:
                 self._enter(job, Phase.POSTCOPY)
             elif status == "postcopy-paused":
-                raise MoveFailed(
-                    "the migration link broke during post-copy; the guest's memory is split "
-                    "between the hosts", "restore the link: QEMU keeps both halves paused",
-                )  # fmt: skip
+                await self._recover_postcopy(job, q, peer, address)
             if job.phase is Phase.PRECOPY:
                 self._check_cancel(job)
                 if time.monotonic() - last_progress > opts.stall_timeout_s:

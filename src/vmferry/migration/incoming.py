@@ -321,8 +321,6 @@ class IncomingMoves:
         if write:
             inc.created.append(sdir / CONFIG_FILE)
         self.vms.register_incoming(new_spec, write_config=write)
-        if not write and new_spec != spec:
-            inc.req = req.model_copy(update={"spec": new_spec})
         cfg = await self.vms.launch_incoming(spec.name)
         async with qmp_session(cfg.qmp_socket) as q:
             await set_capabilities(q, req.transport, req.streams, req.postcopy, incoming=True)
@@ -411,14 +409,26 @@ class IncomingMoves:
             if inc.plan.mirrored:
                 with contextlib.suppress(QmpError):
                     await q.execute("nbd-server-stop")
-        if inc.plan.mode == "shared" and inc.req.spec != self.vms.spec(name):
-            cfg = Path(inc.plan.storage_dir) / CONFIG_FILE
-            cfg.write_text(inc.req.spec.model_dump_json(indent=2))
         info = self.vms.commit_incoming(name, paused, started_at)
         self.active.pop(job_id, None)
         self.slots.release(job_id)
         log.info("received VM %s (move %s)", name, job_id)
         return {"vm": info.model_dump(mode="json"), **timings}
+
+    async def recover(self, job_id: str, address: str) -> int:
+        """Post-copy recovery: listen again (new port) for the source to resume the stream."""
+        inc = self._get(job_id)
+        name = inc.req.spec.name
+        async with qmp_session(self.vms.qmp_path(name)) as q:
+            st = (await q.execute("query-migrate")).get("status")
+            if st != "postcopy-paused":
+                raise ConflictError(f"destination migration is {st}, not postcopy-paused")
+            used = {inc.plan.port, inc.plan.nbd_port}
+            s = self._settings().migration
+            port = next(p for p in range(s.port_min, s.port_max) if p not in used)
+            await q.execute("migrate-recover", {"uri": f"tcp:{address}:{port}"})
+        inc.plan.port = port
+        return port
 
     async def abort(self, job_id: str) -> None:
         """Undo everything prepared for this move; the source keeps the VM."""

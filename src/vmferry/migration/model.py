@@ -72,6 +72,8 @@ class MoveOptions(BaseModel):
     qemu_defaults: bool = False
     #: No progress for this long while copying means the migration link is gone.
     stall_timeout_s: float = Field(default=20.0, ge=1, le=3600)
+    #: How long to keep retrying post-copy recovery after the link broke.
+    recover_timeout_s: float = Field(default=600.0, ge=1, le=86400)
 
 
 class MoveRequest(BaseModel):

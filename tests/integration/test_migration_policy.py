@@ -1,0 +1,234 @@
+"""Move policies in the lab: refusals, migration networks, the queue, transports, post-copy,
+an agent restart in the middle of a move."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import LabHandle, move, needs_lab, vm_names, wait_for, wait_job
+
+from vmferry.client import FerryError, RefusedError
+from vmferry.lab.lab import start_probe
+
+pytestmark = needs_lab
+
+
+def _make(lab: LabHandle, host: str, name: str, *, dirty: str | None = None,
+          memory: int = 256, shared: bool = True, start: bool = True,
+          switch: str = "external", postcopy: bool = True) -> str:  # fmt: skip
+    ip = lab.guest_ip()
+    roles = ["heartbeat", "udpecho", "tcpecho"] + (["dirty"] if dirty else [])
+    spec: dict[str, Any] = {
+        "name": name, "memory_mib": memory, "nics": [{"switch": switch}],
+        "probe": {"ip": f"{ip}/24", "roles": roles, "dirty": dirty},
+        "allow_postcopy": postcopy,
+    }  # fmt: skip
+    if shared:
+        spec["storage_dir"] = str(lab.lab.shared_dir / name)
+    with lab.client(host) as c:
+        c.create_vm(spec)
+        if start:
+            c.action(name, "start")
+    if start and switch == "external":
+        lab.wait_guest(ip)
+    return ip
+
+
+def _gone(lab: LabHandle, *names: str) -> None:
+    for host in ("h1", "h2"):
+        with lab.client(host) as c:
+            for j in c.migrations():
+                if j["vm"] in names and j["state"] in ("queued", "running"):
+                    with contextlib.suppress(FerryError):
+                        c.cancel_migration(j["id"])
+                    wait_job(lab, host, j["id"])
+        for n in names:
+            if n in vm_names(lab, host):
+                lab.remove_vm(host, n)
+
+
+@contextlib.contextmanager
+def _settings(lab: LabHandle, host: str, **changes: Any) -> Iterator[None]:
+    with lab.client(host) as c:
+        before = c.settings()
+        c.update_settings(**changes)
+    try:
+        yield
+    finally:
+        with lab.client(host) as c:
+            c.update_settings(**{k: before[k] for k in changes})
+
+
+def _mig(lab: LabHandle, host: str, **changes: Any) -> dict[str, Any]:
+    with lab.client(host) as c:
+        return {**c.settings()["migration"], **changes}
+
+
+def test_refusals_name_the_problem(lab: LabHandle) -> None:
+    with _settings(lab, "h1", switches={"external": {"bridge": "br-ext", "uplink": "uplink0"},
+                                        "internal": {"bridge": "br-int"}}):  # fmt: skip
+        ip = _make(lab, "h1", "ref1", switch="internal")
+        try:
+            # What-if changes nothing and says what is wrong.
+            ep = lab.lab.endpoint("h2")
+            with lab.client("h1") as c:
+                plan = c.move("ref1", {"destination": {"name": "h2", "url": ep.url},
+                                       "what_if": True})  # fmt: skip
+            bad = {ch["name"]: ch for ch in plan["checks"] if not ch["ok"]}
+            assert (
+                set(bad) == {"virtual-switches"}
+                and "internal" in bad["virtual-switches"]["message"]
+            )
+            assert "--switch-map" in bad["virtual-switches"]["fix"]
+            job = move(lab, "h1", "ref1", "h2")
+            assert job["state"] == "failed" and job["error"]["phase"] == "checks"
+            assert "internal" in job["error"]["message"]
+            assert vm_names(lab, "h2") == [] and vm_names(lab, "h1") == ["ref1"]
+            # Destination refusals: migration disabled, not enough memory, name taken.
+            with _settings(lab, "h2", migration=_mig(lab, "h2", enabled=False)):
+                job = move(lab, "h1", "ref1", "h2", switch_map={"internal": "external"})
+                assert "disabled" in job["error"]["message"]
+            with _settings(lab, "h2", memory_reserve_mib=10_000_000):
+                job = move(lab, "h1", "ref1", "h2", switch_map={"internal": "external"})
+                assert "MiB needed" in job["error"]["message"]
+            with lab.client("h2") as c:
+                c.create_vm({"name": "ref1", "memory_mib": 64})
+            try:
+                job = move(lab, "h1", "ref1", "h2", switch_map={"internal": "external"})
+                assert "already has a VM named 'ref1'" in job["error"]["message"]
+            finally:
+                with lab.client("h2") as c:
+                    c.delete_vm("ref1")
+            # The switch map makes it work.
+            job = move(lab, "h1", "ref1", "h2", switch_map={"internal": "external"})
+            assert job["state"] == "completed", job["error"]
+            with lab.client("h2") as c:
+                assert c.vm("ref1")["nics"][0]["switch"] == "external"
+            lab.wait_guest(ip)  # on the external switch now: reachable from outside
+        finally:
+            _gone(lab, "ref1")
+    # A VM that is off cannot be live-moved.
+    _make(lab, "h1", "ref2", start=False)
+    try:
+        with pytest.raises(RefusedError, match="running or paused"):
+            move(lab, "h1", "ref2", "h2")
+    finally:
+        _gone(lab, "ref2")
+
+
+def test_migration_network_fallback_and_none(lab: LabHandle) -> None:
+    h2 = lab.topo.host("h2")
+    # An address h1 cannot reach (the VM network has no route from h1), on a veth inside h2
+    # (this kernel has no dummy interfaces): listed first.
+    unreachable = lab.topo.vm_cidr.rsplit(".", 1)[0] + ".199"
+    run = ["ip", "-n", h2.netns]
+    subprocess.run([*run, "link", "add", "fbtest0", "type", "veth", "peer", "name", "fbtest1"],
+                   check=True)  # fmt: skip
+    try:
+        subprocess.run([*run, "addr", "add", f"{unreachable}/24", "dev", "fbtest0"], check=True)
+        subprocess.run([*run, "link", "set", "fbtest0", "up"], check=True)
+        _make(lab, "h1", "net1")
+        try:
+            nets = [lab.topo.vm_cidr, lab.topo.migration_cidr]
+            with _settings(lab, "h2", migration=_mig(lab, "h2", networks=nets)):
+                job = move(lab, "h1", "net1", "h2")
+                assert job["state"] == "completed", job["error"]
+                assert job["address"] == h2.migration_ip
+            assert move(lab, "h2", "net1", "h1")["state"] == "completed"
+            with _settings(lab, "h2", migration=_mig(lab, "h2", networks=[lab.topo.vm_cidr])):
+                job = move(lab, "h1", "net1", "h2")
+            assert job["state"] == "failed", job
+            assert "no migration network available" in job["error"]["message"]
+            assert unreachable in job["error"]["message"]
+            assert vm_names(lab, "h1") == ["net1"] and vm_names(lab, "h2") == []
+        finally:
+            _gone(lab, "net1")
+    finally:
+        subprocess.run([*run, "link", "del", "fbtest0"], check=False)
+
+
+def test_queue_runs_moves_one_at_a_time(lab: LabHandle) -> None:
+    _make(lab, "h1", "q1", dirty="32M@1M")
+    _make(lab, "h1", "q2")
+    try:
+        with _settings(lab, "h1", migration=_mig(lab, "h1", max_concurrent=1)):
+            slow = move(lab, "h1", "q1", "h2", wait=False, policy="precopy", bandwidth_mbps=40)
+            second = move(lab, "h1", "q2", "h2", wait=False)
+            with lab.client("h1") as c:
+                queued = c.migration(second["id"])
+                assert queued["state"] == "queued" and queued["queue_position"] == 1, queued
+                assert c.migration(slow["id"])["state"] == "running"
+            a = wait_job(lab, "h1", slow["id"])
+            b = wait_job(lab, "h1", second["id"])
+        assert a["state"] == "completed" and b["state"] == "completed", (a["error"], b["error"])
+        first_end = a["phases"][-1]["ended_at"]
+        b_start = next(p["started_at"] for p in b["phases"] if p["phase"] == "checks")
+        assert b_start >= first_end - 0.5, "the second move did not wait for the first"
+    finally:
+        _gone(lab, "q1", "q2")
+
+
+@pytest.mark.parametrize("transport", ["compression", "multichannel"])
+def test_transports(lab: LabHandle, transport: str) -> None:
+    ip = _make(lab, "h1", f"tr-{transport}")
+    try:
+        session = start_probe(lab.lab, "session", ip, duration=60)
+        job = move(lab, "h1", f"tr-{transport}", "h2", transport=transport, streams=3)
+        assert job["state"] == "completed", job["error"]
+        assert job["transport"] == transport
+        assert session.stop()["ok"]
+    finally:
+        _gone(lab, f"tr-{transport}")
+
+
+def test_auto_policy_escalates_to_postcopy(lab: LabHandle) -> None:
+    ip = _make(lab, "h1", "busy1", dirty="128M@0", memory=512)
+    try:
+        session = start_probe(lab.lab, "session", ip, duration=120)
+        job = move(lab, "h1", "busy1", "h2", bandwidth_mbps=300)
+        assert job["state"] == "completed", job["error"]
+        assert job["postcopy_used"], job["escalations"]
+        assert session.stop()["ok"]
+        lab.stat(ip)
+    finally:
+        _gone(lab, "busy1")
+
+
+def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
+    _make(lab, "h1", "nopc", dirty="128M@0", memory=512, postcopy=False)
+    try:
+        job = move(lab, "h1", "nopc", "h2", bandwidth_mbps=300, timeout_s=15)
+        assert not job["postcopy_used"]
+        assert job["state"] in ("completed", "failed")
+        if job["state"] == "failed":
+            assert "--timeout" in job["error"]["message"]
+            assert vm_names(lab, "h1") == ["nopc"]
+    finally:
+        _gone(lab, "nopc")
+
+
+def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
+    ip = _make(lab, "h1", "restart1", dirty="64M@0")
+    try:
+        with lab.client("h1") as c:
+            pid = c.vm("restart1")["pid"]
+        job = move(lab, "h1", "restart1", "h2", wait=False, policy="precopy", bandwidth_mbps=40)
+        with lab.client("h1") as c:
+            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+        lab.lab.kill_agent("h1")
+        time.sleep(1)
+        lab.lab.start_agent("h1")
+        done = wait_job(lab, "h1", job["id"])
+        assert done["state"] == "failed" and "restarted" in done["error"]["message"], done
+        with lab.client("h1") as c:
+            vm = wait_for(lambda: (v := c.vm("restart1"))["state"] == "running" and v, 20, "vm")
+        assert vm["pid"] == pid
+        assert lab.probe("tcp", ip, count=3)["echoed"] == 3
+        wait_for(lambda: "restart1" not in vm_names(lab, "h2"), 20, "destination cleaned")
+    finally:
+        _gone(lab, "restart1")
