@@ -311,7 +311,7 @@ class Moves:
                         raise
                     self._enter(job, Phase.RESUME)
                     started = self.vms.started_at(name)
-                    result = await peer.commit(job.id, was_paused, started)
+                    result = await self._commit(job, peer, was_paused, started)
                     self._enter(job, Phase.ANNOUNCE)
                     job.progress.ram_remaining = 0
                 self._enter(job, Phase.CLEANUP)
@@ -346,6 +346,25 @@ class Moves:
             job.queue_position = None
             self._save(job)
             self._tasks.pop(job.id, None)
+
+    async def _commit(
+        self, job: Job, peer: Peer, paused: bool, started: float | None
+    ) -> dict[str, Any]:
+        """Hand the VM to the destination; retried, since the guest already runs there."""
+        last: FerryError | None = None
+        for attempt in range(6):
+            try:
+                return await peer.commit(job.id, paused, started)
+            except FerryError as exc:
+                last = exc
+                log.warning("move %s: commit attempt %d failed: %s", job.id, attempt + 1, exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
+        assert last is not None
+        raise MoveFailed(
+            f"the guest runs on {job.destination} but the destination agent did not take it "
+            f"over: {last.message}",
+            f"check ferryd on {job.destination}; the source QEMU is kept paused",
+        )
 
     async def _queue(self, job: Job) -> None:
         waiter = asyncio.ensure_future(self.slots.acquire(job.id))
@@ -484,6 +503,11 @@ class Moves:
             if job.first_pass_bytes is None and job.progress.passes >= 2:
                 job.first_pass_bytes = int(info.get("ram", {}).get("normal-bytes", 0))
             if status == "completed":
+                for _ in range(20):  # QEMU fills in the final figures a moment later
+                    if info.get("downtime") is not None and info.get("total-time") is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                    info = await q.execute("query-migrate")
                 job.qemu_stats = info
                 job.qemu_downtime_ms = info.get("downtime")
                 job.bytes_sent = int(info.get("ram", {}).get("transferred", 0))
@@ -503,6 +527,7 @@ class Moves:
                 self._enter(job, Phase.POSTCOPY)
             elif status == "postcopy-paused":
                 await self._recover_postcopy(job, q, peer, address)
+                last_progress = time.monotonic()
             if job.phase is Phase.PRECOPY:
                 self._check_cancel(job)
                 if time.monotonic() - last_progress > opts.stall_timeout_s:
@@ -612,9 +637,19 @@ class Moves:
         await _drop_mirrors(q)
         with contextlib.suppress(QmpError):
             st = await q.status()
-            if not was_paused and st in ("paused", "postmigrate", "finish-migrate"):
+            # Never resume the source once post-copy started: the guest already ran on the
+            # destination and the two copies of its memory differ.
+            if (
+                not job.postcopy_used
+                and not was_paused
+                and st in ("paused", "postmigrate", "finish-migrate")
+            ):
                 await q.execute("cont")
-        if prepared:
+        if prepared and job.postcopy_used:
+            # Past post-copy the destination holds part of the guest's memory: never
+            # destroy it. The admin resolves it with both halves intact.
+            log.error("move %s failed during post-copy; the destination keeps its half", job.id)
+        elif prepared:
             try:
                 await peer.abort(job.id)
             except FerryError as err:

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from vmferry.host.vms import VMManager, VMState
 from vmferry.migration.model import CheckResult, IncomingPlan, IncomingRequest
 from vmferry.migration.qemu_ops import set_capabilities
 from vmferry.migration.slots import Slots
-from vmferry.qemu.qmp import QmpError, qmp_session
+from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
 
 log = logging.getLogger("vmferry.migration")
 
@@ -389,7 +389,7 @@ class IncomingMoves:
         name = inc.req.spec.name
         t0 = time.monotonic()
         timings: dict[str, float] = {}
-        async with qmp_session(self.vms.qmp_path(name)) as q:
+        async with _qmp_retry(self.vms.qmp_path(name)) as q:
             deadline = time.monotonic() + 60
             while True:
                 st = await q.status()
@@ -451,6 +451,28 @@ class IncomingMoves:
         if inc.created_dir is not None:
             shutil.rmtree(inc.created_dir, ignore_errors=True)
         log.info("aborted incoming move %s of %s", job_id, name)
+
+
+@contextlib.asynccontextmanager
+async def _qmp_retry(path: Path, tries: int = 5) -> AsyncIterator[QmpSession]:
+    """A QMP session, retrying the connection (QEMU may be busy finishing the stream)."""
+    for attempt in range(tries):
+        try:
+            session = qmp_session(path, timeout=10)
+            q = await session.__aenter__()
+        except QmpError:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+            continue
+        try:
+            yield q
+        except BaseException as exc:
+            if not await session.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await session.__aexit__(None, None, None)
+        return
 
 
 async def _close_at_once(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
