@@ -121,3 +121,12 @@ def error_from_dict(body: dict[str, Any]) -> FerryError:
     return cls(
         str(body.get("message", "unknown error")), field=body.get("field"), fix=body.get("fix")
     )
+
+
+def check_response(status: int, body: Any, where: str) -> None:
+    """Raise the error an API response carries (by its body), or a plain one for its status."""
+    if status < 400:
+        return
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        raise error_from_dict(body["error"])
+    raise FerryError(f"HTTP {status} from {where}")

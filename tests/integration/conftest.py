@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vmferry.client import FerryClient
+from vmferry.client import FerryClient, FerryError
 from vmferry.lab import Lab
 from vmferry.lab.lab import probe
 
@@ -157,3 +158,18 @@ def vm_names(lab: LabHandle, host: str) -> list[str]:
     """Names of the VMs a host has."""
     with lab.client(host) as c:
         return [v["name"] for v in c.vms()]
+
+
+def cleanup_vms(lab: LabHandle, *names: str) -> None:
+    """Cancel any move of these VMs, then delete them wherever they are."""
+    for host in ("h1", "h2"):
+        with lab.client(host) as c:
+            for j in c.migrations():
+                if j["vm"] in names and j["state"] in ("queued", "running"):
+                    with contextlib.suppress(FerryError):
+                        c.cancel_migration(j["id"])
+                    wait_job(lab, host, j["id"])
+    for host in ("h1", "h2"):
+        for n in names:
+            if n in vm_names(lab, host):
+                lab.remove_vm(host, n)

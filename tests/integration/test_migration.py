@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import LabHandle, move, needs_lab, serial_lines, vm_names, wait_for, wait_job
+from conftest import (
+    LabHandle,
+    cleanup_vms,
+    move,
+    needs_lab,
+    serial_lines,
+    vm_names,
+    wait_for,
+    wait_job,
+)
 
-from vmferry.client import FerryError
 from vmferry.lab import net
 from vmferry.lab.lab import start_probe
 from vmferry.procinfo import pid_state
@@ -51,19 +58,6 @@ def _make(lab: LabHandle, host: str, name: str, shared: bool = False, **kw: obje
     return ip
 
 
-def _cleanup(lab: LabHandle, name: str) -> None:
-    for host in ("h1", "h2"):
-        with lab.client(host) as c:
-            for j in c.migrations():
-                if j["vm"] == name and j["state"] in ("queued", "running"):
-                    with contextlib.suppress(FerryError):
-                        c.cancel_migration(j["id"])
-                    wait_job(lab, host, j["id"])
-    for host in ("h1", "h2"):
-        if name in vm_names(lab, host):
-            lab.remove_vm(host, name)
-
-
 def test_shared_storage_move_keeps_tcp_session(lab: LabHandle) -> None:
     ip = _make(lab, "h1", "live1", shared=True)
     try:
@@ -87,7 +81,7 @@ def test_shared_storage_move_keeps_tcp_session(lab: LabHandle) -> None:
         assert not _alive(src["pid"])
         assert Path(_shared(lab, "live1"), "disk0.qcow2").exists()
     finally:
-        _cleanup(lab, "live1")
+        cleanup_vms(lab, "live1")
 
 
 def test_shared_nothing_move_with_disk_writer(lab: LabHandle) -> None:
@@ -118,7 +112,7 @@ def test_shared_nothing_move_with_disk_writer(lab: LabHandle) -> None:
         assert m, line
         assert int(m.group(1)) >= acked and m.group(2) == "0" and m.group(3) == "0", line[-1]
     finally:
-        _cleanup(lab, "sn1")
+        cleanup_vms(lab, "sn1")
 
 
 @pytest.mark.slow
@@ -135,7 +129,7 @@ def test_twenty_round_trips_one_session(lab: LabHandle) -> None:
         assert result["ok"] and not result["reset"], result
         assert vm_names(lab, here) == ["pingpong"] and vm_names(lab, there) == []
     finally:
-        _cleanup(lab, "pingpong")
+        cleanup_vms(lab, "pingpong")
 
 
 def _assert_back_on_source(lab: LabHandle, name: str, ip: str, src_pid: int) -> None:
@@ -161,7 +155,7 @@ def test_cancel_during_precopy(lab: LabHandle) -> None:
         assert done["state"] == "cancelled", done
         _assert_back_on_source(lab, "cancel1", ip, pid)
     finally:
-        _cleanup(lab, "cancel1")
+        cleanup_vms(lab, "cancel1")
 
 
 def _fill_disk(lab: LabHandle, host: str, name: str, mib: int) -> None:
@@ -194,7 +188,7 @@ def test_cancel_during_mirror(lab: LabHandle) -> None:
         assert done["state"] == "cancelled", done
         _assert_back_on_source(lab, "cancel2", ip, pid)
     finally:
-        _cleanup(lab, "cancel2")
+        cleanup_vms(lab, "cancel2")
 
 
 def test_destination_qemu_killed(lab: LabHandle) -> None:
@@ -213,7 +207,7 @@ def test_destination_qemu_killed(lab: LabHandle) -> None:
         assert done["state"] == "failed" and done["error"]["phase"] == "precopy", done
         _assert_back_on_source(lab, "victim", ip, pid)
     finally:
-        _cleanup(lab, "victim")
+        cleanup_vms(lab, "victim")
 
 
 def test_migration_link_cut(lab: LabHandle) -> None:
@@ -236,4 +230,4 @@ def test_migration_link_cut(lab: LabHandle) -> None:
         assert "no progress" in done["error"]["message"] or "failed" in done["error"]["message"]
         _assert_back_on_source(lab, "cut1", ip, pid)
     finally:
-        _cleanup(lab, "cut1")
+        cleanup_vms(lab, "cut1")

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import LabHandle, move, needs_lab, vm_names, wait_for, wait_job
+from conftest import LabHandle, cleanup_vms, move, needs_lab, vm_names, wait_for, wait_job
 
-from vmferry.client import FerryError, RefusedError
+from vmferry.client import RefusedError
 from vmferry.lab.lab import start_probe
 
 pytestmark = needs_lab
@@ -37,19 +37,6 @@ def _make(lab: LabHandle, host: str, name: str, *, dirty: str | None = None,
     if start and switch == "external":
         lab.wait_guest(ip)
     return ip
-
-
-def _gone(lab: LabHandle, *names: str) -> None:
-    for host in ("h1", "h2"):
-        with lab.client(host) as c:
-            for j in c.migrations():
-                if j["vm"] in names and j["state"] in ("queued", "running"):
-                    with contextlib.suppress(FerryError):
-                        c.cancel_migration(j["id"])
-                    wait_job(lab, host, j["id"])
-        for n in names:
-            if n in vm_names(lab, host):
-                lab.remove_vm(host, n)
 
 
 @contextlib.contextmanager
@@ -111,14 +98,14 @@ def test_refusals_name_the_problem(lab: LabHandle) -> None:
                 assert c.vm("ref1")["nics"][0]["switch"] == "external"
             lab.wait_guest(ip)  # on the external switch now: reachable from outside
         finally:
-            _gone(lab, "ref1")
+            cleanup_vms(lab, "ref1")
     # A VM that is off cannot be live-moved.
     _make(lab, "h1", "ref2", start=False)
     try:
         with pytest.raises(RefusedError, match="running or paused"):
             move(lab, "h1", "ref2", "h2")
     finally:
-        _gone(lab, "ref2")
+        cleanup_vms(lab, "ref2")
 
 
 def test_migration_network_fallback_and_none(lab: LabHandle) -> None:
@@ -147,7 +134,7 @@ def test_migration_network_fallback_and_none(lab: LabHandle) -> None:
             assert unreachable in job["error"]["message"]
             assert vm_names(lab, "h1") == ["net1"] and vm_names(lab, "h2") == []
         finally:
-            _gone(lab, "net1")
+            cleanup_vms(lab, "net1")
     finally:
         subprocess.run([*run, "link", "del", "fbtest0"], check=False)
 
@@ -170,7 +157,7 @@ def test_queue_runs_moves_one_at_a_time(lab: LabHandle) -> None:
         b_start = next(p["started_at"] for p in b["phases"] if p["phase"] == "checks")
         assert b_start >= first_end - 0.5, "the second move did not wait for the first"
     finally:
-        _gone(lab, "q1", "q2")
+        cleanup_vms(lab, "q1", "q2")
 
 
 @pytest.mark.parametrize("transport", ["compression", "multichannel"])
@@ -183,7 +170,7 @@ def test_transports(lab: LabHandle, transport: str) -> None:
         assert job["transport"] == transport
         assert session.stop()["ok"]
     finally:
-        _gone(lab, f"tr-{transport}")
+        cleanup_vms(lab, f"tr-{transport}")
 
 
 def test_auto_policy_escalates_to_postcopy(lab: LabHandle) -> None:
@@ -196,7 +183,7 @@ def test_auto_policy_escalates_to_postcopy(lab: LabHandle) -> None:
         assert session.stop()["ok"]
         lab.stat(ip)
     finally:
-        _gone(lab, "busy1")
+        cleanup_vms(lab, "busy1")
 
 
 def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
@@ -209,7 +196,7 @@ def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
             assert "--timeout" in job["error"]["message"]
             assert vm_names(lab, "h1") == ["nopc"]
     finally:
-        _gone(lab, "nopc")
+        cleanup_vms(lab, "nopc")
 
 
 def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
@@ -231,4 +218,4 @@ def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
         assert lab.probe("tcp", ip, count=3)["echoed"] == 3
         wait_for(lambda: "restart1" not in vm_names(lab, "h2"), 20, "destination cleaned")
     finally:
-        _gone(lab, "restart1")
+        cleanup_vms(lab, "restart1")

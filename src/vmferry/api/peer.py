@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from vmferry.errors import FerryError, UnreachableError, error_from_dict
+from vmferry.errors import UnreachableError, check_response
 from vmferry.migration.model import Destination, IncomingPlan, IncomingRequest
 
 
@@ -46,11 +46,11 @@ class HttpPeer:
             ) from exc
         if r.status_code == 204:
             return None
-        data = r.json()
-        if r.is_error:
-            if isinstance(data, dict) and isinstance(data.get("error"), dict):
-                raise error_from_dict(data["error"])
-            raise FerryError(f"destination answered HTTP {r.status_code}")
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        check_response(r.status_code, data, f"destination {self.dest.name}")
         return data
 
     async def prepare(self, req: IncomingRequest) -> IncomingPlan:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from vmferry.client._config import HostEndpoint
-from vmferry.errors import FerryError, UnreachableError, error_from_dict
+from vmferry.errors import UnreachableError, check_response
 
 
 class FerryClient:
@@ -58,10 +58,7 @@ class FerryClient:
             body = resp.json()
         except ValueError:
             body = None
-        if resp.is_error:
-            if isinstance(body, dict) and isinstance(body.get("error"), dict):
-                raise error_from_dict(body["error"])
-            raise FerryError(f"HTTP {resp.status_code} from {self.endpoint.url}{path}")
+        check_response(resp.status_code, body, f"{self.endpoint.url}{path}")
         return body
 
     # -- host ------------------------------------------------------------------------------
