@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -66,6 +67,29 @@ class Peer(Protocol):
 PeerFactory = Callable[[Destination], Peer]
 
 
+#: Pre-copy passes the auto policy accepts before it prefers post-copy.
+MAX_PRECOPY_PASSES = 4
+
+
+def predict_passes(remaining: int, dirty_bps: float, link_bps: float, target_ms: int) -> float:
+    """How many more pre-copy passes until the rest fits in the downtime target.
+
+    Each pass sends what the guest dirtied during the previous one, so the remainder shrinks by
+    ``dirty/link`` per pass; at or above the link rate it never shrinks (``inf``).
+    """
+    if link_bps <= 0:
+        return math.inf
+    fits = link_bps * target_ms / 1000
+    if remaining <= fits:
+        return 0.0
+    ratio = dirty_bps / link_bps
+    if ratio >= 0.95:
+        return math.inf
+    if ratio <= 0:
+        return 1.0
+    return math.log(fits / remaining) / math.log(ratio)
+
+
 class MoveFailed(Exception):
     """A move failed in a phase; carries the admin-facing message and fix."""
 
@@ -99,6 +123,8 @@ class Moves:
         self.jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: set[str] = set()
+        self._pass_seen: dict[str, int] = {}
+        self._pass_remaining: dict[str, int] = {}
         self._last_save = 0.0
         for path in sorted(self.dir.glob("*.json")):
             try:
@@ -335,6 +361,8 @@ class Moves:
         finally:
             self.slots.release(job.id)
             self._cancel.discard(job.id)
+            self._pass_seen.pop(job.id, None)
+            self._pass_remaining.pop(job.id, None)
             with contextlib.suppress(FerryError):
                 self.vms.set_busy(name, None)
             await peer.close()
@@ -565,17 +593,24 @@ class Moves:
         self._save(job, force=False)
 
     async def _converge(self, job: Job, q: QmpSession, postcopy: bool, policy: str) -> bool:
-        """Escalate when pre-copy will not finish within the downtime target."""
+        """Escalate to post-copy when pre-copy is predicted not to reach the downtime target."""
         if not postcopy or job.postcopy_used:
             return False
         p = job.progress
+        if p.passes != self._pass_seen.get(job.id):
+            # A new pass began: what it must send is what the guest dirtied during the last one.
+            self._pass_seen[job.id] = p.passes
+            self._pass_remaining[job.id] = p.ram_remaining
         if policy == "postcopy":
             due = p.passes >= 2
         else:
-            rate = p.mbps * 1e6 / 8
-            # After two full passes, if the guest dirties memory at half the link rate or more,
-            # pre-copy will not get the remainder under the downtime target: go post-copy.
-            due = p.passes >= 3 and rate > 0 and p.dirty_rate_bps >= 0.5 * rate
+            needed = predict_passes(
+                self._pass_remaining.get(job.id, p.ram_remaining),
+                p.dirty_rate_bps,
+                p.mbps * 1e6 / 8,
+                job.options.downtime_target_ms,
+            )
+            due = p.passes >= 2 and p.mbps > 0 and needed > MAX_PRECOPY_PASSES
         if due:
             await q.execute("migrate-start-postcopy")
             job.postcopy_used = True

@@ -29,6 +29,9 @@ async def set_capabilities(
         "multifd": multifd,
         # Post-copy and multifd do not combine in QEMU 7.2.
         "postcopy-ram": postcopy and not multifd,
+        # A second channel for the pages the guest faults on, so they do not queue behind the
+        # bulk stream: shortens the guest's stalls after the switch to post-copy.
+        "postcopy-preempt": postcopy and not multifd,
     }
     if not incoming:
         caps["pause-before-switchover"] = pause_before_switchover
