@@ -25,7 +25,7 @@ from typing import Any
 
 from vmferry.client import FerryClient, FerryError
 from vmferry.lab import Lab
-from vmferry.lab.lab import BackgroundProbe, probe, start_probe
+from vmferry.lab.lab import BackgroundProbe, probe, start_probe, wait_answer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -89,16 +89,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def _median(values: Iterable[float | int | None]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return statistics.median(vals) if vals else None
-
-
-def _wait_stat(lab: Lab, ip: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = probe(lab, "stat", ip, count=1, timeout=0.3)
-        if "error" not in r:
-            return r
-        time.sleep(0.2)
-    raise RuntimeError(f"guest {ip} did not answer STAT within {timeout:.0f} s")
 
 
 def _stat_or_none(lab: Lab, ip: str) -> dict[str, Any] | None:
@@ -254,12 +244,12 @@ def run_one(
         t0 = time.monotonic()
         run["spec"] = _create_guest(lab, sc, name, ip)
         t_created = time.monotonic()
-        _wait_stat(lab, ip, BOOT_TIMEOUT_S)
+        wait_answer(lab, ip, BOOT_TIMEOUT_S)
         run["create_s"] = round(t_created - t0, 2)
         run["boot_s"] = round(time.monotonic() - t_created, 2)
-        before = _wait_stat(lab, ip, 10)
+        before = wait_answer(lab, ip, 10)
         time.sleep(WARMUP_S)
-        warm = _wait_stat(lab, ip, 10)
+        warm = wait_answer(lab, ip, 10)
         run["stat_before"] = warm
         run["dirty_rounds_per_s"] = round(
             (warm.get("dirty_rounds", 0) - before.get("dirty_rounds", 0)) / WARMUP_S, 2

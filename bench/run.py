@@ -17,21 +17,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from vmferry.lab import Lab
-from vmferry.lab.lab import probe
+from vmferry.lab.lab import wait_answer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _wait_stat(lab: Lab, ip: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = probe(lab, "stat", ip, count=1, timeout=0.2)
-        if "error" not in r:
-            return r
-    raise RuntimeError(f"guest {ip} did not answer within {timeout} s")
 
 
 def boot_and_save(lab: Lab, runs: int) -> list[dict[str, float]]:
@@ -49,14 +39,14 @@ def boot_and_save(lab: Lab, runs: int) -> list[dict[str, float]]:
             t0 = time.monotonic()
             c.action(name, "start")
             t_api = time.monotonic() - t0
-            _wait_stat(lab, ip, 60)
+            wait_answer(lab, ip, 60)
             t_boot = time.monotonic() - t0
             t1 = time.monotonic()
             c.action(name, "save")
             t_save = time.monotonic() - t1
             t2 = time.monotonic()
             c.action(name, "restore")
-            _wait_stat(lab, ip, 30)
+            wait_answer(lab, ip, 30)
             t_restore = time.monotonic() - t2
             c.action(name, "stop")
             c.delete_vm(name)

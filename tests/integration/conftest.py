@@ -173,3 +173,17 @@ def cleanup_vms(lab: LabHandle, *names: str) -> None:
         for n in names:
             if n in vm_names(lab, host):
                 lab.remove_vm(host, n)
+
+
+def start_stuck_move(lab: LabHandle, vm: str, **options: Any) -> tuple[int, dict[str, Any]]:
+    """Start moving ``vm`` from h1 to h2 in a way that cannot converge (pre-copy only at
+    40 Mbit/s, for a VM that dirties memory) and wait until it copies memory.
+
+    Returns the source QEMU's pid and the job.
+    """
+    with lab.client("h1") as c:
+        pid = int(c.vm(vm)["pid"])
+    job = move(lab, "h1", vm, "h2", wait=False, policy="precopy", bandwidth_mbps=40, **options)
+    with lab.client("h1") as c:
+        wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+    return pid, job

@@ -14,6 +14,7 @@ from conftest import (
     move,
     needs_lab,
     serial_lines,
+    start_stuck_move,
     vm_names,
     wait_for,
     wait_job,
@@ -145,11 +146,8 @@ def _assert_back_on_source(lab: LabHandle, name: str, ip: str, src_pid: int) -> 
 def test_cancel_during_precopy(lab: LabHandle) -> None:
     ip = _make(lab, "h1", "cancel1", dirty="64M@0")
     try:
+        pid, job = start_stuck_move(lab, "cancel1")
         with lab.client("h1") as c:
-            pid = c.vm("cancel1")["pid"]
-        job = move(lab, "h1", "cancel1", "h2", wait=False, policy="precopy", bandwidth_mbps=40)
-        with lab.client("h1") as c:
-            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
             c.cancel_migration(job["id"])
         done = wait_job(lab, "h1", job["id"])
         assert done["state"] == "cancelled", done
@@ -194,11 +192,7 @@ def test_cancel_during_mirror(lab: LabHandle) -> None:
 def test_destination_qemu_killed(lab: LabHandle) -> None:
     ip = _make(lab, "h1", "victim", dirty="64M@0")
     try:
-        with lab.client("h1") as c:
-            pid = c.vm("victim")["pid"]
-        job = move(lab, "h1", "victim", "h2", wait=False, policy="precopy", bandwidth_mbps=40)
-        with lab.client("h1") as c:
-            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+        pid, job = start_stuck_move(lab, "victim")
         with lab.client("h2") as c:
             dest_pid = c.vm("victim")["pid"]
         assert dest_pid and dest_pid != pid
@@ -214,12 +208,7 @@ def test_migration_link_cut(lab: LabHandle) -> None:
     ip = _make(lab, "h1", "cut1", dirty="64M@0")
     h2 = lab.topo.host("h2")
     try:
-        with lab.client("h1") as c:
-            pid = c.vm("cut1")["pid"]
-        job = move(lab, "h1", "cut1", "h2", wait=False, policy="precopy", bandwidth_mbps=40,
-                   stall_timeout_s=5)  # fmt: skip
-        with lab.client("h1") as c:
-            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+        pid, job = start_stuck_move(lab, "cut1", stall_timeout_s=5)
         subprocess.run(["ip", "-n", h2.netns, "link", "set", h2.migration_if, "down"], check=True)
         try:
             done = wait_job(lab, "h1", job["id"], timeout=120)

@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import LabHandle, cleanup_vms, move, needs_lab, vm_names, wait_for, wait_job
+from conftest import (
+    LabHandle,
+    cleanup_vms,
+    move,
+    needs_lab,
+    start_stuck_move,
+    vm_names,
+    wait_for,
+    wait_job,
+)
 
 from vmferry.client import RefusedError
 from vmferry.lab.lab import start_probe
@@ -202,11 +211,7 @@ def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
 def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
     ip = _make(lab, "h1", "restart1", dirty="64M@0")
     try:
-        with lab.client("h1") as c:
-            pid = c.vm("restart1")["pid"]
-        job = move(lab, "h1", "restart1", "h2", wait=False, policy="precopy", bandwidth_mbps=40)
-        with lab.client("h1") as c:
-            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+        pid, job = start_stuck_move(lab, "restart1")
         lab.lab.kill_agent("h1")
         time.sleep(1)
         lab.lab.start_agent("h1")

@@ -352,6 +352,17 @@ def probe(
 BACKGROUND_KINDS = ("blackout", "session")
 
 
+def wait_answer(lab: Lab, ip: str, timeout: float) -> dict[str, Any]:
+    """Wait until the guest at ``ip`` answers STAT (it has booted or resumed); its counters."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = probe(lab, "stat", ip, count=1, timeout=0.3)
+        if "error" not in r:
+            return r
+        time.sleep(0.2)
+    raise HostError(f"guest {ip} did not answer within {timeout:.0f} s")
+
+
 class BackgroundProbe:
     """A probe running in the lab's client namespace until :meth:`stop` (or its duration ends)."""
 
