@@ -456,20 +456,8 @@ class VMManager:
                     field="name",
                     fix=f"stop it first: ferry vm stop {name}",
                 )
-            sdir = Path(spec.storage_dir)
-            for d in spec.disks:
-                (sdir / d.file).unlink(missing_ok=True)
-            (sdir / STATE_FILE).unlink(missing_ok=True)
-            (sdir / CONFIG_FILE).unlink(missing_ok=True)
-            try:
-                sdir.rmdir()
-            except OSError:
-                log.info("left %s in place: it holds other files", sdir)
-            shutil.rmtree(self._run_dir(spec), ignore_errors=True)
-            shutil.rmtree(self._sock_dir(spec), ignore_errors=True)
-            reg = self._registry()
-            reg.pop(name, None)
-            self._write_registry(reg)
+            _delete_files(spec)
+            self._forget(spec)
             self._locks.pop(name, None)
 
     # -- start / stop ----------------------------------------------------------------------
@@ -878,18 +866,8 @@ class VMManager:
         rt = self._runtime(spec)
         await self._quit(spec, rt)
         if delete_files:
-            sdir = Path(spec.storage_dir)
-            for d in spec.disks:
-                (sdir / d.file).unlink(missing_ok=True)
-            (sdir / STATE_FILE).unlink(missing_ok=True)
-            (sdir / CONFIG_FILE).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                sdir.rmdir()
+            _delete_files(spec)
         self._forget(spec)
-        self._busy.pop(name, None)
-
-    def resume_after_failed_move(self, name: str) -> None:
-        """Record that the VM keeps running here after a failed or cancelled move."""
         self._busy.pop(name, None)
 
     # -- monitor ---------------------------------------------------------------------------
@@ -937,6 +915,19 @@ class VMManager:
             if status == "shutdown":
                 log.info("VM %s powered itself off", name)
                 await self._quit(spec, rt)
+
+
+def _delete_files(spec: VMSpec) -> None:
+    """Delete a VM's disks, saved state and configuration, and its folder once empty."""
+    sdir = Path(spec.storage_dir)
+    for d in spec.disks:
+        (sdir / d.file).unlink(missing_ok=True)
+    (sdir / STATE_FILE).unlink(missing_ok=True)
+    (sdir / CONFIG_FILE).unlink(missing_ok=True)
+    try:
+        sdir.rmdir()
+    except OSError:
+        log.info("left %s in place: it holds other files", sdir)
 
 
 def _write_spec(path: Path, spec: VMSpec) -> None:

@@ -421,10 +421,11 @@ class Moves:
 
     async def _setup(self, job: Job, spec: VMSpec, peer: Peer) -> IncomingPlan:
         """Ask the destination for a skeleton VM; wait while it is busy with other moves."""
+        req = self._incoming_request(job, spec, dry_run=False)
         while True:
             self._check_cancel(job)
             try:
-                plan = await peer.prepare(self._incoming_request(job, spec, dry_run=False))
+                plan = await peer.prepare(req)
                 break
             except ConflictError as exc:
                 if exc.field != "busy":
@@ -433,7 +434,7 @@ class Moves:
                 await asyncio.sleep(1.0)
         job.queue_position = None
         job.mode = plan.mode
-        job.transport = self._incoming_request(job, spec, True).transport
+        job.transport = req.transport
         return plan
 
     async def _choose_address(self, job: Job, plan: IncomingPlan) -> str:
