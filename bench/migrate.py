@@ -39,6 +39,7 @@ GRACE_S = 20.0  # ... and the bench stops waiting (and cancels) this long after 
 BOOT_TIMEOUT_S = 120.0
 WARMUP_S = 3.0
 AFTER_S = 1.0  # the blackout probe keeps running this long after the job ends
+TAIL_GAP_MS = 50.0  # no reply for this long at the end of the probe: the guest is not answering
 SPAN_START = ("mirror", "precopy")
 SPAN_END = "announce"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -317,7 +318,12 @@ def _derive(run: dict[str, Any], sc: Scenario) -> None:
     run["qemu_downtime_raw"] = job.get("qemu_downtime_ms")
     run["qemu_stats_incomplete"] = bool(stats) and not stats.get("total-time")
     run["qemu_downtime_ms"] = None if run["qemu_stats_incomplete"] else job.get("qemu_downtime_ms")
-    run["blackout_ms"] = bo.get("longest_gap_ms")
+    # A guest that stopped answering and had not come back when the probe ended (1 s after
+    # the job) was out at least that long: the tail counts as a gap.
+    tail = bo.get("tail_gap_ms")
+    run["no_answer_at_end"] = tail is not None and tail > TAIL_GAP_MS
+    gaps = [g for g in (bo.get("longest_gap_ms"), tail) if g is not None]
+    run["blackout_ms"] = max(gaps) if gaps else None
     run["blackout_phase"] = _phases_during(
         job, bo.get("longest_gap_start_epoch"), bo.get("longest_gap_ms")
     )

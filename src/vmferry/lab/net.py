@@ -57,6 +57,8 @@ UPLINK_IF = "uplink0"
 
 NETNS_DIR = "/var/run/netns"
 _TAG_RE = re.compile(r"[0-9a-f]{4}")
+#: Queue depth of a shaped link, in milliseconds of traffic at its rate.
+QUEUE_MS = 2
 # tbf's rate field is 32-bit bytes/s; faster rates would need TCA_TBF_RATE64.
 _MAX_TBF_BYTES = 2**32 - 1
 _RATE_UNITS = {"": 1, "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
@@ -271,13 +273,15 @@ def tbf_params(rate: str) -> dict[str, int]:
     """rate (bytes/s), burst and limit (bytes) for a tbf qdisc at ``rate``.
 
     burst must cover one timer tick at the rate (rate/HZ; 250 is a safe HZ) and at least one
-    GSO-sized packet; limit queues about 50 ms of traffic on top of the burst.
+    GSO-sized packet. limit adds a queue of ``QUEUE_MS`` of traffic on top of the burst: about
+    what a 1 Gbit switch port buffers (a few hundred KB). A deeper queue models a bufferbloated
+    link, and every byte queued there delays a migration's switchover and each post-copy fault.
     """
     rate_bytes = parse_rate(rate) // 8
     if rate_bytes > _MAX_TBF_BYTES:
         raise LabNetError(f"link rate {rate} is too high for tbf (max ~34gbit)")
     burst = max(64 * 1024, rate_bytes // 250)
-    limit = min(_MAX_TBF_BYTES, rate_bytes // 20 + burst)
+    limit = min(_MAX_TBF_BYTES, rate_bytes * QUEUE_MS // 1000 + burst)
     return {"rate": rate_bytes, "burst": burst, "limit": limit}
 
 
