@@ -22,6 +22,7 @@ from conftest import (
 )
 
 from vmferry.client import RefusedError
+from vmferry.lab import net
 from vmferry.lab.lab import start_probe
 
 pytestmark = needs_lab
@@ -224,3 +225,37 @@ def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
         wait_for(lambda: "restart1" not in vm_names(lab, "h2"), 20, "destination cleaned")
     finally:
         cleanup_vms(lab, "restart1")
+
+
+def test_postcopy_recovers_after_the_link_breaks(lab: LabHandle) -> None:
+    """Break the migration connections in the middle of post-copy (the kernel aborts them, as
+    when a switch reboots): QEMU pauses both halves, vmferry reconnects with QEMU's post-copy
+    recovery, the guest resumes on the destination with its TCP session and counters intact."""
+    ip = _make(lab, "h1", "pcrec", dirty="128M@0", memory=512)
+    topo = lab.lab.topology()
+    net.set_link_rate(topo, "h1", "100mbit")  # post-copy lasts seconds, not milliseconds
+    try:
+        before = lab.stat(ip)
+        session = start_probe(lab.lab, "session", ip, duration=180)
+        job = move(lab, "h1", "pcrec", "h2", wait=False, policy="postcopy")
+        with lab.client("h1") as c:
+            running = wait_for(
+                lambda: (j := c.migration(job["id"]))["phase"] == "postcopy" and j, 120, "post-copy"
+            )
+        time.sleep(0.5)
+        killed = subprocess.run(
+            ["ip", "netns", "exec", topo.host("h1").netns,
+             "ss", "-K", "-t", "dst", running["address"]],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        assert "ESTAB" in killed.stdout, killed.stdout  # the streams were there and are gone
+        done = wait_job(lab, "h1", job["id"])
+        assert done["state"] == "completed", done["error"]
+        assert "post-copy recovered" in done["escalations"], done["escalations"]
+        assert vm_names(lab, "h1") == [] and vm_names(lab, "h2") == ["pcrec"]
+        after = lab.stat(ip)
+        assert after["hb"] > before["hb"] and after["uptime_ms"] > before["uptime_ms"]
+        assert session.stop()["ok"]
+    finally:
+        net.set_link_rate(topo, "h1", None)
+        cleanup_vms(lab, "pcrec")
