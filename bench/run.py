@@ -1,8 +1,11 @@
-"""``make bench``: benchmarks in a real lab: guest boot and save/restore, live migration.
+"""``make bench``: benchmarks in a real lab: guest boot and save/restore, live migration,
+storage moves, quick migration; cluster placement (``--only cluster-place``, no lab).
 
 Reports go to bench/results/<name>.md and .json (migrate also .png) with the command that
-produced them. Run as root: ``.venv/bin/python -m bench.run [--only boot|migrate] [--runs N]``
-(``--runs`` defaults to 5 for boot and 1 for migrate; see :mod:`bench.migrate`).
+produced them. Run as root:
+``.venv/bin/python -m bench.run [--only boot|migrate|storage|quick] [--runs N]`` (``--runs``
+defaults to 5 for boot, 3 for quick and 1 for migrate and storage; see :mod:`bench.migrate`,
+:mod:`bench.storage`, :mod:`bench.quick`).
 """
 
 from __future__ import annotations
@@ -116,13 +119,42 @@ def run_migrate(runs: int, budget: float, scenarios: list[str] | None, command: 
     migrate.report(rows, command, budget, runs)
 
 
+def run_storage(runs: int, command: str) -> None:
+    """The storage-move benchmark on a 1-host lab."""
+    from bench import storage
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    rows = storage.run_all(base / "lab", max(1, min(runs, 20)))
+    storage.report(rows, command)
+
+
+def run_quick(runs: int, command: str) -> None:
+    """The quick-migration benchmark on a 2-host lab with a shared volume."""
+    from bench import quick
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    runs = max(1, min(runs, 20))
+    quick.report(quick.run_all(base / "lab", runs), command, runs)
+
+
+def run_cluster_place(runs: int, command: str) -> None:
+    """Placement decisions for a 64-node, 4,000-VM cluster (pure; no lab)."""
+    from bench import cluster_place
+
+    cluster_place.report(cluster_place.run(max(1, min(runs, 50))), command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every benchmark (or only one with ``--only``)."""
     from bench.migrate import BUDGET_S, SCENARIOS
 
     ap = argparse.ArgumentParser(prog="bench.run")
-    ap.add_argument("--only", choices=("boot", "migrate"), help="run only this benchmark")
-    ap.add_argument("--runs", type=int, help="repeats (default: 5 for boot, 1 for migrate)")
+    ap.add_argument("--only", choices=("boot", "migrate", "storage", "quick", "cluster-place"),
+                    help="run only this benchmark")  # fmt: skip
+    ap.add_argument("--runs", type=int,
+                    help="repeats (default: 5 for boot, 3 for quick, else 1)")  # fmt: skip
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="migrate: seconds per move")
     ap.add_argument("--scenarios", help="migrate: comma-separated subset of "
                     + ",".join(sc.key for sc in SCENARIOS))  # fmt: skip
@@ -136,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "migrate"):
         scenarios = args.scenarios.split(",") if args.scenarios else None
         run_migrate(args.runs or 1, args.budget, scenarios, command)
+    if args.only in (None, "storage"):
+        run_storage(args.runs or 1, command)
+    if args.only in (None, "quick"):
+        run_quick(args.runs or 3, command)
+    if args.only in (None, "cluster-place"):
+        run_cluster_place(args.runs or 5, command)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 gcc libc6-dev cpio)
+DEB_PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 gcc libc6-dev cpio etcd-server etcd-client)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,6 +19,31 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# QEMU older than 9.0 loses guest writes during a migration under TCG (its dirty-bitmap sync
+# left stale TLB entries; fixed upstream in 9.0): migrated lab guests crashed now and then.
+# Debian bookworm ships 7.2, so take QEMU from bookworm-backports there.
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1; }
+if [ "$(qemu_major || true)" = "" ] || [ "$(qemu_major)" -lt 9 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: QEMU >= 9.0 is needed (found $(qemu_major || echo none)) — run as root" >&2
+    exit 1
+  fi
+  . /etc/os-release
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
+    echo "setup: installing QEMU from bookworm-backports"
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' \
+      > /etc/apt/sources.list.d/vmferry-backports.list
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+      qemu-system-x86 qemu-utils >/dev/null
+  else
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
+  fi
+  [ "$(qemu_major)" -ge 9 ] || { echo "setup: could not install QEMU >= 9.0" >&2; exit 1; }
 fi
 
 stamp=.venv/.setup-stamp

@@ -21,7 +21,7 @@ from conftest import (
     wait_job,
 )
 
-from vmferry.client import RefusedError
+from vmferry.client import ConflictError, RefusedError
 from vmferry.lab import net
 from vmferry.lab.lab import start_probe
 
@@ -259,3 +259,85 @@ def test_postcopy_recovers_after_the_link_breaks(lab: LabHandle) -> None:
     finally:
         net.set_link_rate(topo, "h1", None)
         cleanup_vms(lab, "pcrec")
+
+
+def test_destination_agent_restart_mid_move(lab: LabHandle) -> None:
+    """The destination agent restarts while memory is copied: it takes the move back from its
+    record, so a cancel still removes the skeleton VM there."""
+    ip = _make(lab, "h1", "drestart", dirty="64M@0")
+    try:
+        pid, job = start_stuck_move(lab, "drestart")
+        lab.lab.kill_agent("h2")
+        time.sleep(1)
+        lab.lab.start_agent("h2")
+        with lab.client("h2") as c:
+            assert [v["state"] for v in c.vms()] == ["incoming"]
+        with lab.client("h1") as c:
+            assert c.migration(job["id"])["state"] == "running"
+            c.cancel_migration(job["id"])
+        done = wait_job(lab, "h1", job["id"])
+        assert done["state"] == "cancelled", done
+        assert vm_names(lab, "h2") == []
+        with lab.client("h1") as c:
+            assert c.vm("drestart")["pid"] == pid
+        assert lab.probe("tcp", ip, count=3)["echoed"] == 3
+    finally:
+        with contextlib.suppress(Exception):
+            lab.lab.start_agent("h2")
+        cleanup_vms(lab, "drestart")
+
+
+def test_destination_agent_gone_fails_the_move(lab: LabHandle) -> None:
+    """A destination agent that stays silent fails the move before switchover: the VM keeps
+    running on the source, and the skeleton VM goes once that agent is back."""
+    ip = _make(lab, "h1", "dgone", dirty="64M@0")
+    try:
+        pid, job = start_stuck_move(lab, "dgone")
+        lab.lab.kill_agent("h2")
+        done = wait_job(lab, "h1", job["id"], timeout=60)
+        assert done["state"] == "failed", done
+        assert "has not answered" in done["error"]["message"], done["error"]
+        with lab.client("h1") as c:
+            vm = c.vm("dgone")
+            assert vm["state"] == "running" and vm["pid"] == pid
+        assert lab.probe("tcp", ip, count=3)["echoed"] == 3
+        lab.lab.start_agent("h2")
+        wait_for(lambda: vm_names(lab, "h2") == [], 30, "the skeleton VM on h2 removed")
+    finally:
+        with contextlib.suppress(Exception):
+            lab.lab.start_agent("h2")
+        cleanup_vms(lab, "dgone")
+
+
+def test_failed_handover_is_completed_by_the_admin(lab: LabHandle) -> None:
+    """QEMU finished the move while the destination agent was down: the source copy stays
+    paused (and refuses to resume) until `ferry migration complete` hands the VM over."""
+    ip = _make(lab, "h1", "hand1", memory=512)
+    try:
+        before = lab.stat(ip)
+        job = move(lab, "h1", "hand1", "h2", wait=False, bandwidth_mbps=200, commit_retry_s=3)
+        with lab.client("h1") as c:
+            wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
+        lab.lab.kill_agent("h2")
+        done = wait_job(lab, "h1", job["id"], timeout=60)
+        assert done["state"] == "failed" and done["handover_pending"], done
+        assert f"ferry migration complete {job['id']}" in done["error"]["fix"]
+        with lab.client("h1") as c:
+            assert c.vm("hand1")["state"] == "handover-pending"
+            with pytest.raises(ConflictError, match="hand-over"):
+                c.action("hand1", "resume")
+        lab.lab.start_agent("h2")
+        with lab.client("h2") as c:
+            assert c.vm("hand1")["state"] == "incoming"  # taken back from its record
+        with lab.client("h1") as c:
+            finished = c.complete_migration(job["id"])
+        assert finished["state"] == "completed" and not finished["handover_pending"]
+        assert vm_names(lab, "h1") == []
+        with lab.client("h2") as c:
+            assert c.vm("hand1")["state"] == "running"
+        after = lab.stat(ip)
+        assert after["hb"] > before["hb"] and after["uptime_ms"] > before["uptime_ms"]
+    finally:
+        with contextlib.suppress(Exception):
+            lab.lab.start_agent("h2")
+        cleanup_vms(lab, "hand1")

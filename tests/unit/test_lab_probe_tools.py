@@ -331,3 +331,14 @@ def test_against_the_guest_probe_paused_with_sigstop(guest_probe: Path) -> None:
         gp.wait(5)
     assert 350 <= r_bo["longest_gap_ms"] <= 900, r_bo
     assert r_ses["ok"] is True and r_ses["reset"] is False and r_ses["longest_stall_ms"] >= 350
+
+
+def test_outages_join_close_gaps() -> None:
+    from vmferry.lab.probe import outages
+
+    # One reply in the middle of a long silence is still one outage; a later gap is another;
+    # short gaps are not outages.
+    gaps = [[0.2, 1500.0], [1.7, 500.0], [2.6, 35.0], [5.0, 300.0]]
+    assert outages(gaps) == [(0.2, 2000.0), (5.0, 300.0)]
+    assert outages([[0.2, 80.0]]) == []
+    assert outages([]) == []

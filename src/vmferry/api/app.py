@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -13,13 +14,22 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
+from vmferry.api.cluster_routes import add_cluster_routes
 from vmferry.api.peer import AgentTLS, HttpPeer
 from vmferry.errors import AuthError, FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
 from vmferry.migration.engine import Moves, job_json
 from vmferry.migration.incoming import IncomingMoves
-from vmferry.migration.model import IncomingPlan, IncomingRequest, MoveRequest
+from vmferry.migration.model import (
+    CheckResult,
+    IncomingPlan,
+    IncomingRequest,
+    MoveRequest,
+    StorageMoveRequest,
+)
+from vmferry.migration.quick import ImportRequest, QuickMoves, QuickRequest
 from vmferry.migration.slots import Slots
+from vmferry.migration.storage import StorageMoves
 
 log = logging.getLogger("vmferry.api")
 
@@ -45,6 +55,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}"
 
 
+def _own_url(request: Request) -> str:
+    """This agent's URL as the caller reached it (recorded as the VM owner's address)."""
+    return str(request.base_url).rstrip("/")
+
+
 class StartIncoming(BaseModel):
     """Source → destination: the address the source reached."""
 
@@ -67,17 +82,27 @@ def create_app(
     moves = Moves(
         host.vms, lambda: host.settings, slots, host.state_dir, lambda d: HttpPeer(d, tls)
     )
+    storage = StorageMoves(moves, Slots(lambda: host.settings.storage.max_concurrent))
+    quick = QuickMoves(moves, incoming, lambda d: HttpPeer(d, tls))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await host.apply_switches()
         host.vms.start_monitor()
+        incoming.load()
         await moves.recover()
+        await storage.recover()
+        await quick.recover()
+        cluster_member.start()  # lease, leader, self-fencing (cluster/member.py)
+        app.state.cluster_controller.start()  # failover while leader (cluster/controller.py)
         log.info("ferryd %s serving host %s", __version__, host.settings.name)
         yield
+        await app.state.cluster_controller.stop()
+        await cluster_member.stop()
         await host.vms.stop_monitor()
 
     app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
+    cluster_member = add_cluster_routes(app, host, tls)
 
     @app.middleware("http")
     async def identify(
@@ -169,9 +194,17 @@ def create_app(
     # -- moves (source side) -----------------------------------------------------------------
     @app.post("/v1/vms/{name}/move", status_code=202)
     async def move_vm(name: str, req: MoveRequest) -> dict[str, Any]:
+        if req.options.quick:  # save to the shared volume, restore on the destination
+            if req.what_if:
+                return await quick.what_if(name, req)
+            return job_json(await quick.submit(name, req))
         if req.what_if:
             return await moves.what_if(name, req)
         return job_json(await moves.submit(name, req))
+
+    @app.post("/v1/vms/{name}/move-storage", status_code=202)
+    async def move_storage(name: str, req: StorageMoveRequest) -> dict[str, Any]:
+        return job_json(await storage.submit(name, req))
 
     @app.get("/v1/migrations")
     async def list_migrations() -> list[dict[str, Any]]:
@@ -180,6 +213,10 @@ def create_app(
     @app.get("/v1/migrations/{job_id}")
     async def show_migration(job_id: str) -> dict[str, Any]:
         return job_json(moves.get(job_id))
+
+    @app.post("/v1/migrations/{job_id}/complete")
+    async def complete_migration(job_id: str) -> dict[str, Any]:
+        return job_json(await moves.complete(job_id))
 
     @app.post("/v1/migrations/{job_id}/cancel")
     async def cancel_migration(job_id: str) -> dict[str, Any]:
@@ -212,6 +249,21 @@ def create_app(
         await incoming.abort(job_id)
         return Response(status_code=204)
 
+    # -- quick moves and imports (migration/quick.py) -----------------------------------------
+    @app.post("/v1/vms/import", status_code=201)
+    async def import_vm(body: ImportRequest, request: Request) -> VMInfo:
+        return await quick.import_vm(body.path, body.peers, _own_url(request))
+
+    @app.post("/v1/migrations/incoming/quick/checks")
+    async def quick_checks(req: QuickRequest) -> list[CheckResult]:
+        return await asyncio.to_thread(quick.checks, req)
+
+    @app.post("/v1/migrations/incoming/quick/receive")
+    async def quick_receive(req: QuickRequest, request: Request) -> dict[str, Any]:
+        return await quick.receive(req, _own_url(request))
+
+    app.state.quick = quick
     app.state.moves = moves
+    app.state.storage = storage
     app.state.incoming = incoming
     return app

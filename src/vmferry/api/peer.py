@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 
-from vmferry.errors import UnreachableError, check_response
-from vmferry.migration.model import Destination, IncomingPlan, IncomingRequest
+from vmferry.errors import NotFoundError, UnreachableError, check_response
+from vmferry.migration.model import CheckResult, Destination, IncomingPlan, IncomingRequest
+from vmferry.migration.quick import QuickRequest
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,13 @@ class HttpPeer:
         verify: ssl.SSLContext | bool = tls.context() if tls else False
         self._http = httpx.AsyncClient(base_url=dest.url, verify=verify, timeout=120)
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
         try:
-            r = await self._http.request(method, path, json=body)
+            r = await self._http.request(
+                method, path, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+            )
         except httpx.HTTPError as exc:
             raise UnreachableError(
                 f"destination agent {self.dest.name} ({self.dest.url}) did not answer: {exc}",
@@ -86,6 +91,30 @@ class HttpPeer:
             "POST", f"/v1/migrations/incoming/{job_id}/recover", {"address": address}
         )
         return int(data["port"])
+
+    # -- quick moves and imports (migration/quick.py) ------------------------------------------
+    async def quick_checks(self, req: QuickRequest) -> list[CheckResult]:
+        """The destination's checks for a quick move."""
+        data = await self._call(
+            "POST", "/v1/migrations/incoming/quick/checks", req.model_dump(mode="json")
+        )
+        return [CheckResult.model_validate(c) for c in data]
+
+    async def quick_receive(self, req: QuickRequest) -> dict[str, Any]:
+        """The destination imports the VM from the shared volume and restores it."""
+        result: dict[str, Any] = await self._call(
+            "POST", "/v1/migrations/incoming/quick/receive", req.model_dump(mode="json"),
+            timeout=900,
+        )  # fmt: skip
+        return result
+
+    async def vm(self, name: str) -> dict[str, Any] | None:
+        """The agent's view of one VM; None when it has no VM of that name."""
+        try:
+            result: dict[str, Any] = await self._call("GET", f"/v1/vms/{name}")
+        except NotFoundError:
+            return None
+        return result
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -264,6 +265,17 @@ def vm_console(
         _emit(text, output, lambda ls: out.print("\n".join(ls), highlight=False, markup=False))
 
 
+@vm_app.command("import")
+def vm_import(
+    path: Annotated[str, typer.Argument(help="the VM's folder (or vm.json) on a shared volume")],
+    output: OutputOpt = None,
+) -> None:
+    """Register a VM from shared storage on this host (refused while it runs elsewhere)."""
+    peers = {name: ep.url for name, ep in load_config().hosts.items()}
+    with _client() as c:
+        _emit(c.import_vm(path, peers), output, _vm_show)
+
+
 @vm_app.command("delete")
 def vm_delete(name: str) -> None:
     """Delete an off VM with its disks and configuration."""
@@ -303,6 +315,9 @@ def host_set(
         str | None, typer.Option("--transport", help="tcp | compression | multichannel")
     ] = None,
     streams: Annotated[int | None, typer.Option("--streams", help="multichannel streams")] = None,
+    storage_max_concurrent: Annotated[
+        int | None, typer.Option("--storage-max-concurrent", help="storage moves at once")
+    ] = None,
     output: OutputOpt = None,
 ) -> None:
     """Change host settings."""
@@ -340,6 +355,11 @@ def host_set(
                 mig[key] = val
         if mig != cur["migration"]:
             changes["migration"] = mig
+        store = dict(cur.get("storage") or {})
+        if storage_max_concurrent is not None:
+            store["max_concurrent"] = storage_max_concurrent
+        if store != (cur.get("storage") or {}):
+            changes["storage"] = store
         new = c.update_settings(**changes) if changes else cur
         _emit(new, output, lambda s: _kv(s, "settings"))
 
@@ -436,6 +456,9 @@ def move(
     timeout: Annotated[float | None, typer.Option(help="seconds")] = None,
     on_timeout: Annotated[str, typer.Option("--on-timeout", help="abort | force")] = "abort",
     what_if: Annotated[bool, typer.Option("--what-if", help="check and plan only")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="save to the shared volume, restore on the destination")
+    ] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
     output: OutputOpt = None,
 ) -> None:
@@ -463,12 +486,13 @@ def move(
             "downtime_target_ms": downtime_target,
             "timeout_s": timeout,
             "on_timeout": on_timeout,
+            "quick": quick,
         },
     }
     with _client() as c:
         result = c.move(vm, request)
         if what_if:
-            _emit(result, output, _what_if_table)
+            _emit(result, output, _quick_what_if if quick else _what_if_table)
             if not result["ok"]:
                 raise typer.Exit(1)
             return
@@ -482,15 +506,7 @@ def move(
 
 
 def _what_if_table(plan: dict[str, Any]) -> None:
-    t = Table(title=f"what if {plan['vm']} moved {plan['source']} → {plan['destination']}",
-              title_justify="left")  # fmt: skip
-    t.add_column("CHECK")
-    t.add_column("")
-    t.add_column("DETAIL")
-    for ch in plan["checks"]:
-        detail = ch["message"] + (f"  → {ch['fix']}" if ch.get("fix") else "")
-        t.add_row(ch["name"], "[green]ok[/]" if ch["ok"] else "[red]FAIL[/]", detail)
-    out.print(t)
+    _what_if_checks(plan)
     out.print(
         f"mode {plan['mode']}, {plan['bytes_to_move'] / 2**20:.0f} MiB to move, predicted "
         f"≈ {plan['predicted_s']} s at {plan['link_mbps_assumed']} Mbit/s ({plan['note']})"
@@ -523,6 +539,11 @@ def _watch(c: FerryClient, job_id: str, quiet: bool) -> dict[str, Any]:
                 f"{done / 2**20:,.0f} MiB sent, {p['ram_remaining'] / 2**20:,.0f} MiB left, "
                 f"{p['mbps']:.0f} Mbit/s, pass {p['passes']}"
             )
+            if job.get("kind") == "storage":
+                detail = (f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB copied, "
+                          f"{p['mbps']:.0f} Mbit/s")  # fmt: skip
+            if job.get("kind") == "quick":
+                detail = f"{done / 2**20:,.0f} MiB of state saved" if done else ""
             if p.get("expected_downtime_ms") is not None:
                 detail += f", downtime ≈ {p['expected_downtime_ms']} ms"
             if p.get("eta_s") is not None:
@@ -536,6 +557,12 @@ def _watch(c: FerryClient, job_id: str, quiet: bool) -> dict[str, Any]:
 
 
 def _job_show(job: dict[str, Any]) -> None:
+    if job.get("kind") == "storage":
+        _storage_job_show(job)
+        return
+    if job.get("kind") == "quick":
+        _quick_job_show(job)
+        return
     t = Table(title=f"migration {job['id']}: {job['vm']} {job['source']} → {job['destination']}",
               title_justify="left")  # fmt: skip
     t.add_column("PHASE")
@@ -560,6 +587,118 @@ def _job_show(job: dict[str, Any]) -> None:
             out.print(f"  fix: {e['fix']}", highlight=False)
 
 
+@app.command("move-storage")
+def move_storage(
+    vm: str,
+    to: Annotated[
+        str | None, typer.Option("--to", help="folder for every file (under a storage root)")
+    ] = None,
+    disk_map: Annotated[
+        list[str] | None, typer.Option("--disk-map", help="DISK=PATH (file or folder; repeatable)")
+    ] = None,
+    config_to: Annotated[
+        str | None, typer.Option("--config-to", help="folder for the configuration")
+    ] = None,
+    state_to: Annotated[
+        str | None, typer.Option("--state-to", help="folder for the saved state")
+    ] = None,
+    bandwidth: Annotated[int | None, typer.Option(help="copy rate cap in Mbit/s")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Move a VM's files to other folders on its host; a running VM keeps running."""
+    request: dict[str, Any] = {
+        "to": to,
+        "disk_map": _pairs(disk_map, "--disk-map"),
+        "config_to": config_to,
+        "state_to": state_to,
+        "bandwidth_mbps": bandwidth,
+    }
+    with _client() as c:
+        result = c.move_storage(vm, request)
+        if no_wait:
+            _emit(result, output, lambda j: out.print(f"storage move {j['id']} started"))
+            return
+        job = _watch(c, result["id"], quiet=(output or G.output) is Output.json)
+        _emit(job, output, _job_show)
+        if job["state"] != "completed":
+            raise typer.Exit(1)
+
+
+def _storage_job_show(job: dict[str, Any]) -> None:
+    t = Table(title=f"storage move {job['id']}: {job['vm']} on {job['source']} ({job.get('mode')})",
+              title_justify="left")  # fmt: skip
+    t.add_column("PHASE")
+    t.add_column("SECONDS", justify="right")
+    for ph in job["phases"]:
+        secs = None if ph["ended_at"] is None else ph["ended_at"] - ph["started_at"]
+        t.add_row(ph["phase"], "-" if secs is None else f"{secs:.3f}")
+    out.print(t)
+    for f in (job.get("storage") or {}).get("files", []):
+        out.print(f"  {f.get('disk') or f['kind']}: {f['src']} → {f['dst']}", highlight=False)
+    state = job["state"]
+    color = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
+    out.print(f"[{color}]{state}[/] — total {job.get('total_s')} s")
+    for e in job.get("escalations") or []:
+        out.print(f"  note: {e}", highlight=False)
+    if job.get("error"):
+        e = job["error"]
+        out.print(f"[red]failed in {e['phase']}:[/] {e['message']}", highlight=False)
+        if e.get("fix"):
+            out.print(f"  fix: {e['fix']}", highlight=False)
+
+
+def _downtime(job: dict[str, Any]) -> str:
+    """The listing's DOWNTIME: the measured outage of a quick move, else QEMU's figure."""
+    ms = job.get("downtime_ms") if job.get("kind") == "quick" else job.get("qemu_downtime_ms")
+    return "-" if ms is None else f"{ms} ms"
+
+
+def _quick_what_if(plan: dict[str, Any]) -> None:
+    _what_if_checks(plan)
+    out.print(f"quick move of a {plan['state']} VM; files stay in {plan['storage_dir']}; "
+              f"{plan['note']}")  # fmt: skip
+
+
+def _what_if_checks(plan: dict[str, Any]) -> None:
+    t = Table(title=f"what if {plan['vm']} moved {plan['source']} → {plan['destination']}",
+              title_justify="left")  # fmt: skip
+    t.add_column("CHECK")
+    t.add_column("")
+    t.add_column("DETAIL")
+    for ch in plan["checks"]:
+        detail = ch["message"] + (f"  → {ch['fix']}" if ch.get("fix") else "")
+        t.add_row(ch["name"], "[green]ok[/]" if ch["ok"] else "[red]FAIL[/]", detail)
+    out.print(t)
+
+
+def _quick_job_show(job: dict[str, Any]) -> None:
+    t = Table(title=f"quick move {job['id']}: {job['vm']} {job['source']} → "
+              f"{job['destination']}", title_justify="left")  # fmt: skip
+    t.add_column("PHASE")
+    t.add_column("SECONDS", justify="right")
+    for ph in job["phases"]:
+        secs = None if ph["ended_at"] is None else ph["ended_at"] - ph["started_at"]
+        t.add_row(ph["phase"], "-" if secs is None else f"{secs:.3f}")
+    out.print(t)
+    state = job["state"]
+    color = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
+    if job.get("downtime_ms") is not None:
+        outage = f"guest outage {job['downtime_ms']} ms (paused on {job['source']} → running "
+        outage += f"on {job['destination']})"
+    else:
+        outage = f"no guest outage (the VM was {job.get('vm_state') or '?'})"
+    out.print(f"[{color}]{state}[/] — total {job.get('total_s')} s, "
+              f"{job.get('bytes_sent', 0) / 2**20:,.0f} MiB of state, {outage}")  # fmt: skip
+    for e in job.get("escalations") or []:
+        out.print(f"  note: {e}", highlight=False)
+    if job.get("error"):
+        e = job["error"]
+        out.print(f"[red]failed in {e['phase']}:[/] {e['message']}", highlight=False)
+        if e.get("fix"):
+            out.print(f"  fix: {e['fix']}", highlight=False)
+
+
 @migration_app.command("list")
 def migration_list(output: OutputOpt = None) -> None:
     """Moves started from a host, newest first."""
@@ -573,8 +712,7 @@ def migration_list(output: OutputOpt = None) -> None:
         for j in js:
             t.add_row(j["id"], j["vm"], j["source"], j["destination"], j["state"], j["phase"],
                       j.get("mode") or "-", f"{j['total_s']:.1f}s" if j.get("total_s") else "-",
-                      f"{j['qemu_downtime_ms']} ms" if j.get("qemu_downtime_ms") is not None
-                      else "-")  # fmt: skip
+                      _downtime(j))  # fmt: skip
         out.print(t)
 
     _emit(jobs, output, render)
@@ -594,6 +732,14 @@ def migration_cancel(job_id: str) -> None:
         c.cancel_migration(job_id)
         job = _watch(c, job_id, quiet=True)
         _job_show(job)
+
+
+@migration_app.command("complete")
+def migration_complete(job_id: str) -> None:
+    """Finish a move whose hand-over failed after the guest already moved (the source copy
+    stays paused until then): the destination agent takes the VM over, the source lets go."""
+    with _client() as c:
+        _job_show(c.complete_migration(job_id))
 
 
 # -- image -----------------------------------------------------------------------------------
@@ -628,14 +774,17 @@ def lab_up(
     ] = None,
     lab_dir: LabDirOpt = None,
     output: OutputOpt = None,
+    etcd_members: Annotated[
+        int, typer.Option("--etcd-members", min=0, max=9, help="lab etcd members (0 = none)")
+    ] = 3,
 ) -> None:
-    """Build N hosts in network namespaces, each with its own ferryd."""
+    """Build N hosts in network namespaces, each with its own ferryd, and an etcd cluster."""
     from vmferry.lab import Lab
 
     lab = Lab(lab_dir)
     try:
         with err.status(f"building a {hosts}-host lab …"):
-            status = lab.up(hosts, link)
+            status = lab.up(hosts, link, etcd_members=etcd_members)
     except FerryError as exc:
         _fail(exc)
     _emit(status, output, _lab_table)
@@ -699,6 +848,330 @@ def _lab_table(status: dict[str, Any]) -> None:
             f"guests on {status.get('vm_cidr')}, "
             f"migration link {status.get('link_rate') or 'unlimited'}"
         )
+    if status.get("etcd"):
+        members = ", ".join(
+            f"{m['name']} {m['ip']} ({'running' if m.get('running') else 'stopped'})"
+            for m in status["etcd"]
+        )
+        out.print(f"etcd: {members}")
+
+
+# -- cluster (cluster/) ------------------------------------------------------------------------
+cluster_app = typer.Typer(help="Failover clusters on etcd: nodes, leases, leader, volumes.",
+                          no_args_is_help=True)  # fmt: skip
+app.add_typer(cluster_app, name="cluster")
+volume_app = typer.Typer(help="Shared volumes every node of a cluster sees.", no_args_is_help=True)
+cluster_app.add_typer(volume_app, name="volume")
+ClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", "-c", help="cluster name (default: the host's own)")
+]
+
+
+def _node_url(node: str) -> str:
+    """The agent URL of a host named in the client config."""
+    ep = load_config().hosts.get(node)
+    if ep is None:
+        _fail(FerryError(f"unknown host {node!r} in the client config", field="nodes",
+                         fix="known: " + ", ".join(sorted(load_config().hosts))))  # fmt: skip
+        raise AssertionError
+    return ep.url
+
+
+def _self_name() -> str:
+    name, _ = resolve_host(G.host, load_config())
+    return name
+
+
+def _cluster_show(st: dict[str, Any]) -> None:
+    t = Table(title=f"cluster {st['name']} (leader: {st.get('leader') or 'none'})",
+              title_justify="left")  # fmt: skip
+    for col in ("NODE", "LEASE", "LEADER", "CLUSTERED VMS", "LAST FENCED", "URL"):
+        t.add_column(col)
+    for n in st["nodes"]:
+        fenced = n.get("last_fenced_at")
+        t.add_row(
+            n["name"],
+            n["lease"],
+            "*" if n["leader"] else "",
+            ", ".join(n["clustered_vms"]) or "-",
+            "-" if not fenced else f"{fenced:.0f} ({', '.join(n['last_fenced_vms']) or 'no VM'})",
+            n["url"],
+        )
+    out.print(t)
+    vols = st.get("volumes") or []
+    out.print("volumes: " + (", ".join(v["path"] for v in vols) or "none"))
+    etcd = st.get("etcd")
+    if etcd:
+        ok = sum(1 for e in etcd if e.get("ok"))
+        out.print(f"etcd: {ok}/{len(etcd)} endpoints answer")
+    ctl = st.get("controller") or {}
+    for vm, why in (ctl.get("unplaced") or {}).items():
+        out.print(f"[red]not placed[/red] {vm}: {why}")
+    if st.get("events"):
+        _events_table(st["events"][-5:])
+
+
+@cluster_app.command("create")
+def cluster_create(
+    name: str,
+    nodes: Annotated[str, typer.Option("--nodes", help="host names, comma separated")],
+    force: Annotated[bool, typer.Option("--force", help="create even if validation fails")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Create a cluster of the named hosts (each must run ferryd connected to the same etcd).
+
+    The hosts are validated first (see `ferry cluster validate`); a failed test refuses.
+    """
+    names = [n.strip() for n in nodes.split(",") if n.strip()]
+    with _client() as c:
+        st = c.cluster_create(name, {n: _node_url(n) for n in names}, force=force)
+    _emit(st, output, _cluster_show)
+
+
+def _validate_show(rep: dict[str, Any]) -> None:
+    colour = {"pass": "green", "warning": "yellow", "fail": "red"}
+    t = Table(title=f"validation: {rep['result']}", title_justify="left")
+    for col in ("TEST", "SCOPE", "RESULT", "DETAIL"):
+        t.add_column(col)
+    for ch in rep["checks"]:
+        detail = ch["message"] + (f"  → {ch['fix']}" if ch.get("fix") else "")
+        res = ch["result"]
+        t.add_row(ch["test"], ch["scope"], f"[{colour[res]}]{res}[/]", detail)
+    out.print(t)
+
+
+@cluster_app.command("validate")
+def cluster_validate(
+    name: Annotated[str | None, typer.Argument(help="an existing cluster")] = None,
+    nodes: Annotated[
+        str | None, typer.Option("--nodes", help="validate these hosts instead (comma separated)")
+    ] = None,
+    volume: Annotated[
+        list[str] | None, typer.Option("--volume", help="a shared volume to check (repeatable)")
+    ] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Check nodes per node and pairwise: version, CPU, switches, volumes, networks, clocks, etcd.
+
+    Exits 1 when a test fails (warnings do not).
+    """
+    urls = None
+    if nodes:
+        urls = {n.strip(): _node_url(n.strip()) for n in nodes.split(",") if n.strip()}
+    with _client() as c:
+        rep = c.cluster_validate(name, urls, volume)
+    _emit(rep, output, _validate_show)
+    if rep["result"] == "fail":
+        raise typer.Exit(1)
+
+
+@cluster_app.command("join")
+def cluster_join(
+    name: str,
+    node: Annotated[
+        str | None, typer.Option("--node", help="host to add (default: --host)")
+    ] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Add a host to a cluster."""
+    node = node or _self_name()
+    with _client() as c:
+        st = c.cluster_join(name, node, _node_url(node))
+    _emit(st, output, _cluster_show)
+
+
+@cluster_app.command("leave")
+def cluster_leave(
+    node: Annotated[
+        str | None, typer.Option("--node", help="host to remove (default: --host)")
+    ] = None,
+    cluster: ClusterOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Remove a host from its cluster."""
+    node = node or _self_name()
+    with _client() as c:
+        name = cluster or c.cluster_status()["name"]
+        st = c.cluster_leave(name, node)
+    _emit(st, output, _cluster_show)
+
+
+@cluster_app.command("status")
+def cluster_status(name: Annotated[str | None, typer.Argument()] = None,
+                   output: OutputOpt = None) -> None:  # fmt: skip
+    """Nodes and their leases, the leader, shared volumes, clustered VMs, etcd health."""
+    with _client() as c:
+        st = c.cluster_status(name)
+    _emit(st, output, _cluster_show)
+
+
+@cluster_app.command("destroy")
+def cluster_destroy(name: str) -> None:
+    """Delete a cluster; its nodes become standalone hosts (VMs keep running)."""
+    with _client() as c:
+        res = c.cluster_destroy(name)
+    out.print(f"cluster {name} destroyed; standalone again: {', '.join(res['nodes'])}")
+
+
+@volume_app.command("add")
+def volume_add(path: str, cluster: ClusterOpt = None, output: OutputOpt = None) -> None:
+    """Check that every node sees PATH and can write to it, then add it."""
+    with _client() as c:
+        res = c.cluster_volume_add(path, cluster)
+    _emit(res, output, lambda r: _cluster_show(r["cluster"]))
+
+
+@volume_app.command("list")
+def volume_list(cluster: ClusterOpt = None, output: OutputOpt = None) -> None:
+    """The cluster's shared volumes."""
+    with _client() as c:
+        vols = c.cluster_volumes(cluster)
+
+    def render(vs: list[dict[str, Any]]) -> None:
+        t = Table()
+        for col in ("PATH", "CHECKED ON"):
+            t.add_column(col)
+        for v in vs:
+            t.add_row(v["path"], ", ".join(v["checked"]))
+        out.print(t)
+
+    _emit(vols, output, render)
+
+
+@volume_app.command("remove")
+def volume_remove(path: str, cluster: ClusterOpt = None, output: OutputOpt = None) -> None:
+    """Forget a shared volume (its files stay)."""
+    with _client() as c:
+        st = c.cluster_volume_remove(path, cluster)
+    _emit(st, output, _cluster_show)
+
+
+# -- clustered VMs and failover (cluster/vms.py, cluster/controller.py) -------------------------
+cvm_app = typer.Typer(help="Clustered (highly available) VMs.", no_args_is_help=True)
+cluster_app.add_typer(cvm_app, name="vm")
+PriorityOpt = Annotated[
+    str | None,
+    typer.Option("--priority", help="high | medium | low | no-auto-start (failover order)"),
+]
+PreferredOpt = Annotated[
+    str | None, typer.Option("--preferred", help="preferred owners, best first: h1,h2")
+]
+PossibleOpt = Annotated[
+    str | None, typer.Option("--possible", help="the only nodes it may run on: h1,h2")
+]
+AntiOpt = Annotated[
+    str | None,
+    typer.Option("--anti-affinity", help="group whose VMs are spread over nodes ('' clears)"),
+]
+
+
+def _cvm_props(
+    priority: str | None, preferred: str | None, possible: str | None, anti: str | None
+) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    if priority is not None:
+        props["priority"] = priority
+    for key, val in (("preferred", preferred), ("possible", possible)):
+        if val is not None:
+            props[key] = [n.strip() for n in val.split(",") if n.strip()]
+    if anti is not None:
+        props["anti_affinity"] = anti
+    return props
+
+
+def _cvm_table(rows: list[dict[str, Any]]) -> None:
+    t = Table(title="clustered VMs", title_justify="left")
+    for col in ("VM", "OWNER", "LEASE", "PRIORITY", "PREFERRED", "POSSIBLE", "ANTI-AFFINITY"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["name"] + (" (restarting)" if r.get("restart_pending") else ""),
+            r["node"], r.get("owner_lease", "-"), r["priority"],
+            ",".join(r["preferred"]) or "-", ",".join(r["possible"]) or "any",
+            r.get("anti_affinity") or "-",
+        )  # fmt: skip
+    out.print(t)
+
+
+@cvm_app.command("add")
+def cluster_vm_add(
+    name: str,
+    priority: PriorityOpt = None,
+    preferred: PreferredOpt = None,
+    possible: PossibleOpt = None,
+    anti_affinity: AntiOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Make a running (or stopped) VM highly available; ask the host that has it (--host).
+
+    No downtime: only the cluster's records change. Its files must be on a shared volume.
+    """
+    with _client() as c:
+        row = c.cluster_vm_add(name, **_cvm_props(priority, preferred, possible, anti_affinity))
+    _emit(row, output, lambda r: _cvm_table([r]))
+
+
+@cvm_app.command("set")
+def cluster_vm_set(
+    name: str,
+    priority: PriorityOpt = None,
+    preferred: PreferredOpt = None,
+    possible: PossibleOpt = None,
+    anti_affinity: AntiOpt = None,
+    cluster: ClusterOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Change a clustered VM's priority, preferred/possible owners or anti-affinity group."""
+    props = _cvm_props(priority, preferred, possible, anti_affinity)
+    if not props:
+        fix = "give --priority, --preferred, --possible or --anti-affinity"
+        _fail(FerryError("nothing to change", field="options", fix=fix))
+    with _client() as c:
+        row = c.cluster_vm_set(name, cluster, **props)
+    _emit(row, output, lambda r: _cvm_table([r]))
+
+
+@cvm_app.command("remove")
+def cluster_vm_remove(name: str, cluster: ClusterOpt = None, output: OutputOpt = None) -> None:
+    """Stop clustering a VM; it keeps running where it is."""
+    with _client() as c:
+        res = c.cluster_vm_remove(name, cluster)
+    _emit(res, output, lambda r: out.print(f"VM {r['removed']} is no longer clustered "
+                                           f"(it stays on {r['node']})"))  # fmt: skip
+
+
+@cvm_app.command("list")
+def cluster_vm_list(cluster: ClusterOpt = None, output: OutputOpt = None) -> None:
+    """Clustered VMs: owner, owner's lease, priority, owners, anti-affinity group."""
+    with _client() as c:
+        rows = c.cluster_vms(cluster)
+    _emit(rows, output, _cvm_table)
+
+
+def _events_table(evs: list[dict[str, Any]]) -> None:
+    t = Table(title="cluster events", title_justify="left")
+    for col in ("AT", "KIND", "VM", "FROM", "TO", "WHY", "TIMES"):
+        t.add_column(col)
+    for e in evs:
+        tm = e.get("timings") or {}
+        times = ", ".join(f"{k}={v}" for k, v in tm.items() if not k.endswith("_at"))
+        t.add_row(
+            time.strftime("%H:%M:%S", time.localtime(e["at"])), e["kind"], e.get("vm") or "-",
+            e.get("from_node") or "-", e.get("node") or "-", e.get("reason") or "", times or "-",
+        )  # fmt: skip
+    out.print(t)
+
+
+@cluster_app.command("events")
+def cluster_events(
+    cluster: ClusterOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    output: OutputOpt = None,
+) -> None:
+    """What the cluster did: failovers (from, to, why, how long), unplaced VMs, changes."""
+    with _client() as c:
+        evs = c.cluster_events(cluster, limit)
+    _emit(evs, output, _events_table)
 
 
 def main() -> None:

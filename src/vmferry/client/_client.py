@@ -114,6 +114,23 @@ class FerryClient:
         )
         return result
 
+    def move_storage(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Start a storage move (a StorageMoveRequest-shaped dict); returns the job."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/vms/{name}/move-storage", json=request, timeout=60
+        )
+        return result
+
+    def import_vm(self, path: str, peers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Register the VM whose folder on a shared volume is ``path`` (``ferry vm import``).
+
+        ``peers`` (host name -> agent URL) lets the agent ask the VM's owner about it.
+        """
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/vms/import", json={"path": path, "peers": peers or {}}, timeout=60
+        )
+        return result
+
     def migrations(self) -> list[dict[str, Any]]:
         """Moves this host started, newest first."""
         result: list[dict[str, Any]] = self.request("GET", "/v1/migrations")
@@ -122,6 +139,11 @@ class FerryClient:
     def migration(self, job_id: str) -> dict[str, Any]:
         """One move job with its phases and figures."""
         result: dict[str, Any] = self.request("GET", f"/v1/migrations/{job_id}")
+        return result
+
+    def complete_migration(self, job_id: str) -> dict[str, Any]:
+        """Finish a move whose hand-over to the destination agent failed after QEMU completed."""
+        result: dict[str, Any] = self.request("POST", f"/v1/migrations/{job_id}/complete")
         return result
 
     def cancel_migration(self, job_id: str) -> dict[str, Any]:
@@ -137,4 +159,113 @@ class FerryClient:
             json={"action": action, "timeout": timeout},
             timeout=timeout + 120,
         )
+        return result
+
+    # -- cluster (cluster/, api/cluster_routes.py) -------------------------------------------
+    def cluster_create(
+        self, name: str, nodes: dict[str, str], force: bool = False
+    ) -> dict[str, Any]:
+        """Create a cluster of ``nodes`` (node name -> agent URL); validated unless ``force``."""
+        body = {
+            "name": name,
+            "nodes": [{"name": n, "url": u} for n, u in nodes.items()],
+            "force": force,
+        }
+        result: dict[str, Any] = self.request("POST", "/v1/cluster", json=body, timeout=60)
+        return result
+
+    def cluster_validate(
+        self,
+        cluster: str | None = None,
+        nodes: dict[str, str] | None = None,
+        volumes: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Validate a cluster (or the given nodes and volumes): pass/warning/fail per test."""
+        body = {
+            "cluster": cluster,
+            "nodes": [{"name": n, "url": u} for n, u in (nodes or {}).items()],
+            "volumes": volumes or [],
+        }
+        result: dict[str, Any] = self.request("POST", "/v1/cluster/validate", json=body, timeout=60)
+        return result
+
+    def cluster_status(self, name: str | None = None) -> dict[str, Any]:
+        """Nodes, leases, leader, volumes (of ``name``, or of this host's cluster)."""
+        path = "/v1/cluster" + (f"?name={name}" if name else "")
+        result: dict[str, Any] = self.request("GET", path)
+        return result
+
+    def cluster_join(self, name: str, node: str, url: str) -> dict[str, Any]:
+        """Add node ``node`` (its agent at ``url``) to cluster ``name``."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/cluster/{name}/nodes", json={"name": node, "url": url}
+        )
+        return result
+
+    def cluster_leave(self, name: str, node: str) -> dict[str, Any]:
+        """Remove node ``node`` from cluster ``name``."""
+        result: dict[str, Any] = self.request("DELETE", f"/v1/cluster/{name}/nodes/{node}")
+        return result
+
+    def cluster_destroy(self, name: str) -> dict[str, Any]:
+        """Delete cluster ``name`` (its nodes become standalone)."""
+        result: dict[str, Any] = self.request("DELETE", f"/v1/cluster/{name}")
+        return result
+
+    def cluster_member(self) -> dict[str, Any]:
+        """This agent's own view: its cluster, lease, leader, fencing."""
+        result: dict[str, Any] = self.request("GET", "/v1/cluster/member")
+        return result
+
+    def cluster_volumes(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """The cluster's shared volumes."""
+        q = f"?cluster={cluster}" if cluster else ""
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/cluster/volumes{q}")
+        return result
+
+    def cluster_volume_add(self, path: str, cluster: str | None = None) -> dict[str, Any]:
+        """Check ``path`` on every node and add it as a shared volume."""
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/cluster/volumes", json={"path": path, "cluster": cluster}, timeout=60
+        )
+        return result
+
+    def cluster_volume_remove(self, path: str, cluster: str | None = None) -> dict[str, Any]:
+        """Forget a shared volume."""
+        from urllib.parse import urlencode
+
+        q = urlencode({"path": path, **({"cluster": cluster} if cluster else {})})
+        result: dict[str, Any] = self.request("DELETE", f"/v1/cluster/volumes?{q}")
+        return result
+
+    # -- clustered VMs and failover (cluster/vms.py, cluster/controller.py) ----------------------
+    def cluster_vms(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """Clustered VMs with their owner and properties."""
+        q = f"?cluster={cluster}" if cluster else ""
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/cluster/vms{q}")
+        return result
+
+    def cluster_vm_add(self, name: str, **props: Any) -> dict[str, Any]:
+        """Make a VM of this host clustered (priority, preferred, possible, anti_affinity)."""
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/cluster/vms", json={"name": name, **props}
+        )
+        return result
+
+    def cluster_vm_set(self, name: str, cluster: str | None = None, **props: Any) -> dict[str, Any]:
+        """Change a clustered VM's properties (those given)."""
+        q = f"?cluster={cluster}" if cluster else ""
+        result: dict[str, Any] = self.request("PATCH", f"/v1/cluster/vms/{name}{q}", json=props)
+        return result
+
+    def cluster_vm_remove(self, name: str, cluster: str | None = None) -> dict[str, Any]:
+        """Stop clustering a VM (it keeps running)."""
+        q = f"?cluster={cluster}" if cluster else ""
+        result: dict[str, Any] = self.request("DELETE", f"/v1/cluster/vms/{name}{q}")
+        return result
+
+    def cluster_events(self, cluster: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The cluster's last events (failovers, VMs added, unplaced VMs), oldest first."""
+        q = f"?limit={limit}" + (f"&cluster={cluster}" if cluster else "")
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/cluster/events{q}")
         return result

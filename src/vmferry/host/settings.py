@@ -65,6 +65,40 @@ class MigrationSettings(BaseModel):
         return out
 
 
+class StorageSettings(BaseModel):
+    """Storage moves on this host (``ferry host set --storage-max-concurrent``)."""
+
+    #: Storage moves copying at once; extra ones wait in a FIFO queue.
+    max_concurrent: int = Field(default=2, ge=1, le=64)
+
+
+class EtcdSettings(BaseModel):
+    """Where the cluster's etcd is: endpoints and the TLS files to reach it."""
+
+    endpoints: list[str] = Field(default_factory=list)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for ep in v:
+            if not re.match(r"^https?://[^/\s]+:\d+/?$", ep):
+                raise ValueError(f"etcd endpoint {ep!r}: use https://HOST:PORT")
+        return [ep.rstrip("/") for ep in v]
+
+
+class ClusterSettings(BaseModel):
+    """Failover clustering on this host (``cluster.etcd`` + lease timing)."""
+
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    #: TTL of this node's etcd lease; the node fences itself after half of it without renewal.
+    lease_ttl_s: int = Field(default=6, ge=3, le=60)
+    #: How many failed-over VMs the leader's controller restarts at once (cluster/controller.py).
+    failover_concurrency: int = Field(default=4, ge=1, le=64)
+
+
 class HostSettings(BaseModel):
     """Everything an admin sets on one host (``ferry host set``)."""
 
@@ -76,6 +110,8 @@ class HostSettings(BaseModel):
     switches: dict[str, SwitchSpec] = Field(default_factory=dict)
     memory_reserve_mib: int = Field(default=512, ge=0)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @field_validator("storage_roots")
     @classmethod
@@ -102,6 +138,8 @@ class HostSettingsUpdate(BaseModel):
     switches: dict[str, SwitchSpec] | None = None
     memory_reserve_mib: int | None = Field(default=None, ge=0)
     migration: MigrationSettings | None = None
+    storage: StorageSettings | None = None
+    cluster: ClusterSettings | None = None
 
 
 class SettingsStore:

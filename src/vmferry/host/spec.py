@@ -6,6 +6,7 @@ import ipaddress
 import re
 import time
 import uuid as uuidlib
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -170,3 +171,10 @@ class VMSpec(BaseModel):
     #: admins may forbid it per VM.
     allow_postcopy: bool = True
     created_at: float = Field(default_factory=time.time)
+    #: Where a saved state goes (``ferry move-storage --state-to``); None = the storage folder.
+    state_dir: str | None = None
+
+
+def state_file(spec: VMSpec) -> Path:
+    """Where the VM's saved memory and device state lives."""
+    return Path(spec.state_dir or spec.storage_dir) / STATE_FILE

@@ -35,14 +35,15 @@ from vmferry.errors import (
     RefusedError,
 )
 from vmferry.host import network
+from vmferry.host.owner import OWNER_FILE, OwnerRecord, image_lock_holder, read_owner, write_owner
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import (
     CONFIG_FILE,
-    STATE_FILE,
     DiskSpec,
     NicSpec,
     VMCreate,
     VMSpec,
+    state_file,
 )
 from vmferry.host.storage import resolve_under_roots
 from vmferry.qemu import DiskDrive, NetTap, QemuConfig, QemuProcess, build_argv, spawn_daemon
@@ -70,6 +71,8 @@ class VMState(StrEnum):
     CRASHED = "crashed"
     MIGRATING = "migrating"
     INCOMING = "incoming"
+    #: The guest runs on another host; the hand-over to that host's agent is not finished.
+    HANDOVER = "handover-pending"
 
 
 @dataclass
@@ -207,6 +210,13 @@ class VMManager:
 
     def _op_lock(self, name: str) -> asyncio.Lock:
         """The VM's lock for an admin operation; refused at once while the VM is moving."""
+        if self._busy.get(name) is VMState.HANDOVER:
+            raise ConflictError(
+                f"VM {name!r} already runs on the destination of its move; the hand-over to that "
+                "host's agent is not finished, so this copy must stay paused",
+                field="name",
+                fix="ferry migration list, then: ferry migration complete ID",
+            )
         if self._busy.get(name) is VMState.MIGRATING:
             raise ConflictError(
                 f"VM {name!r} is being moved",
@@ -251,6 +261,7 @@ class VMManager:
             VMState.SAVING,
             VMState.MIGRATING,
             VMState.INCOMING,
+            VMState.HANDOVER,
         )
         return VMInfo(
             name=spec.name,
@@ -424,6 +435,7 @@ class VMManager:
                     shutil.rmtree(storage_dir, ignore_errors=True)
                 raise
             self._save_runtime(spec, Runtime())
+            self._claim(spec)
             log.info("created VM %s in %s", spec.name, storage_dir)
             return self._info(spec)
 
@@ -693,7 +705,7 @@ class VMManager:
         async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.RUNNING, VMState.PAUSED)
             was_paused = self._state(spec, rt) is VMState.PAUSED
-            final = Path(spec.storage_dir) / STATE_FILE
+            final = state_file(spec)
             tmp = final.with_suffix(".tmp")
             self._busy[name] = VMState.SAVING
             try:
@@ -731,10 +743,10 @@ class VMManager:
         """Bring a saved VM back exactly where it was (no reboot); the state file is consumed."""
         async with self._op_lock(name):
             spec, rt = await self._require(name, VMState.SAVED)
-            state_file = Path(spec.storage_dir) / STATE_FILE
-            if not state_file.exists():
+            saved = state_file(spec)
+            if not saved.exists():
                 raise HostError(
-                    f"saved state of VM {name!r} is missing ({state_file})",
+                    f"saved state of VM {name!r} is missing ({saved})",
                     fix=f"discard it with: ferry vm delete {name}, or start it from off",
                 )
             self._busy[name] = VMState.RESTORING
@@ -742,7 +754,7 @@ class VMManager:
                 cfg, rt = await self._launch(spec, incoming=True)
                 try:
                     async with qmp_session(cfg.qmp_socket) as q:
-                        with open(state_file, "rb") as fh:
+                        with open(saved, "rb") as fh:
                             await q.send_fd(fh.fileno(), "loadstate")
                             await q.execute("migrate-incoming", {"uri": "fd:loadstate"})
                             await _wait_migration(q, timeout=600)
@@ -758,7 +770,7 @@ class VMManager:
                 rt.expected = (VMState.PAUSED if rt.saved_paused else VMState.RUNNING).value
                 rt.started_at = time.time()
                 self._save_runtime(spec, rt)
-                state_file.unlink(missing_ok=True)
+                saved.unlink(missing_ok=True)
             finally:
                 self._busy.pop(name, None)
             log.info("restored VM %s", name)
@@ -772,6 +784,10 @@ class VMManager:
     def qmp_path(self, name: str) -> Path:
         """The agent's QMP socket of a VM."""
         return self._qmp_path(self._spec(name))
+
+    def diag_qmp_path(self, name: str) -> Path:
+        """The VM's second QMP socket (diagnostics, and out-of-band commands during moves)."""
+        return self._sock_dir(self._spec(name)) / "qmp-diag.sock"
 
     def process(self, name: str) -> QemuProcess | None:
         """The VM's recorded QEMU process (alive or not)."""
@@ -834,6 +850,7 @@ class VMManager:
         rt.expected = (VMState.PAUSED if paused else VMState.RUNNING).value
         rt.started_at = started_at or time.time()
         self._save_runtime(spec, rt)
+        self._claim(spec)
         return self._info(spec)
 
     def discard_incoming(self, name: str, files: Sequence[Path]) -> None:
@@ -869,6 +886,235 @@ class VMManager:
             _delete_files(spec)
         self._forget(spec)
         self._busy.pop(name, None)
+
+    def config_path(self, name: str) -> Path:
+        """Where the VM's configuration file is."""
+        self._spec(name)
+        return Path(self._registry()[name])
+
+    def relocate(self, name: str, spec: VMSpec) -> None:
+        """Point the VM at its moved files (storage moves): write ``spec`` (same VM, new paths)
+        atomically in its storage folder, re-register it there, then drop the old config file."""
+        old = self._spec(name)
+        if spec.uuid != old.uuid or spec.name != name:
+            raise ConflictError(f"relocate: {spec.name!r} is not VM {name!r}", field="name")
+        new_cfg = Path(spec.storage_dir) / CONFIG_FILE
+        _write_spec(new_cfg, spec)
+        reg = self._registry()
+        old_cfg = Path(reg[name])
+        owner = read_owner(old_cfg.parent) if old_cfg.parent != new_cfg.parent else None
+        if owner is not None:  # the owner record travels with the configuration
+            write_owner(new_cfg.parent, owner)
+        reg[name] = str(new_cfg)
+        self._write_registry(reg)
+        if old_cfg != new_cfg:
+            old_cfg.unlink(missing_ok=True)
+        if owner is not None:
+            (old_cfg.parent / OWNER_FILE).unlink(missing_ok=True)
+
+    # -- shared-volume ownership: import and hand-over (ferry vm import, quick moves) -----
+    def _claim(self, spec: VMSpec, url: str | None = None) -> None:
+        """Record this host as the VM's owner (``owner.json`` beside ``vm.json``)."""
+        sdir = Path(spec.storage_dir)
+        here = self._settings().name
+        old = read_owner(sdir)
+        if url is None and old is not None and old.host == here:
+            url = old.url
+        try:
+            write_owner(sdir, OwnerRecord(host=here, uuid=spec.uuid, url=url))
+        except OSError as exc:
+            log.warning("VM %s: cannot write its owner record in %s: %s", spec.name, sdir, exc)
+
+    def _release_record(self, spec: VMSpec, saved_paused: bool) -> None:
+        rec = OwnerRecord(host=self._settings().name, uuid=spec.uuid, released=True,
+                          saved_paused=saved_paused)  # fmt: skip
+        write_owner(Path(spec.storage_dir), rec)
+
+    def import_candidate(self, path: str) -> tuple[VMSpec, OwnerRecord | None]:
+        """The VM whose folder (or ``vm.json``) is at ``path``, checked for import; changes nothing.
+
+        Refuses paths outside the storage roots, folders without a VM configuration, disks
+        outside the roots or missing, and a VM whose name or uuid is already registered here.
+        The returned spec points at the folder as this host sees it.
+        """
+        roots = self._settings().storage_roots
+        target = resolve_under_roots(path, roots, "path")
+        sdir = target.parent if target.name == CONFIG_FILE else target
+        cfg = sdir / CONFIG_FILE
+        if not cfg.is_file():
+            raise RefusedError(
+                f"path: no VM configuration ({CONFIG_FILE}) in {sdir}",
+                field="path",
+                fix="give the VM's folder on the shared volume (the one holding vm.json)",
+            )
+        try:
+            spec = VMSpec.model_validate_json(cfg.read_text())
+        except ValueError as exc:
+            raise RefusedError(
+                f"path: {cfg} is not a vmferry VM configuration",
+                field="path",
+                fix="give the folder of a VM vmferry created",
+            ) from exc
+        reg = self._registry()
+        if spec.name in reg:
+            same = Path(reg[spec.name]) == cfg
+            raise ConflictError(
+                f"VM {spec.name!r} is already registered on this host"
+                if same
+                else f"a VM named {spec.name!r} is already registered on this host",
+                field="path",
+                fix="nothing to import" if same else "delete or rename that VM here first",
+            )
+        for other in reg:
+            with contextlib.suppress(HostError):
+                if self._spec(other).uuid == spec.uuid:
+                    raise ConflictError(
+                        f"this VM (uuid {spec.uuid}) is already registered here as {other!r}",
+                        field="path",
+                        fix="nothing to import",
+                    )
+        if Path(spec.storage_dir) != sdir:
+            spec = spec.model_copy(update={"storage_dir": str(sdir)})
+        for d in spec.disks:
+            disk = resolve_under_roots(str(sdir / d.file), roots, f"disks[{d.name}]")
+            if not disk.is_file():
+                raise RefusedError(
+                    f"disk {d.name} of VM {spec.name!r} is missing: {disk}",
+                    field="path",
+                    fix="bring the disk back, or delete the VM from the host that has it",
+                )
+        resolve_under_roots(str(state_file(spec).parent), roots, "state_dir")
+        return spec, read_owner(sdir)
+
+    def disk_locks(self, spec: VMSpec) -> Sequence[str]:
+        """The VM's disks that some QEMU holds open (QEMU's image locks), as "disk (file): why"."""
+        paths = {d.name: Path(spec.storage_dir) / d.file for d in spec.disks}
+        held = {n: image_lock_holder(p) for n, p in paths.items()}
+        return [f"{n} ({paths[n]}): {why}" for n, why in held.items() if why]
+
+    def register_import(
+        self,
+        spec: VMSpec,
+        owner: OwnerRecord | None,
+        *,
+        paused: bool | None = None,
+        url: str | None = None,
+        switch_map: dict[str, str] | None = None,
+    ) -> VMInfo:
+        """Register a VM checked by :meth:`import_candidate` and claim it: off, or saved.
+
+        A saved VM is restored paused when ``paused`` (default: what the owner record says).
+        """
+        settings = self._settings()
+        reg = self._registry()
+        if spec.name in reg:
+            raise ConflictError(
+                f"a VM named {spec.name!r} is already registered on this host",
+                field="path",
+                fix="delete or rename that VM here first",
+            )
+        if switch_map:
+            nics = [NicSpec(switch=switch_map.get(n.switch, n.switch), mac=n.mac)
+                    for n in spec.nics]  # fmt: skip
+            spec = spec.model_copy(update={"nics": nics})
+        used = self._used_macs()
+        for i, nic in enumerate(spec.nics):
+            if nic.switch not in settings.switches:
+                known = ", ".join(sorted(settings.switches)) or "none"
+                raise RefusedError(
+                    f"nics[{i}].switch: no virtual switch named {nic.switch!r} on this host "
+                    f"(switches: {known})",
+                    field=f"nics[{i}].switch",
+                    fix="ferry host set --switch NAME=BRIDGE adds one",
+                )
+            if nic.mac in used:
+                raise ConflictError(f"nics[{i}].mac {nic.mac} is already used on this host",
+                                    field=f"nics[{i}].mac",
+                                    fix="change the MAC of the VM that uses it")  # fmt: skip
+        cfg = Path(spec.storage_dir) / CONFIG_FILE
+        if VMSpec.model_validate_json(cfg.read_text()) != spec:
+            _write_spec(cfg, spec)
+        if paused is None:
+            paused = owner.saved_paused if owner is not None else False
+        saved = state_file(spec).exists()
+        reg[spec.name] = str(cfg)
+        self._write_registry(reg)
+        self._save_runtime(
+            spec, Runtime(expected=(VMState.SAVED if saved else VMState.OFF).value,
+                          saved_paused=paused and saved),
+        )  # fmt: skip
+        self._claim(spec, url)
+        log.info("imported VM %s from %s (%s)", spec.name, spec.storage_dir,
+                 "saved" if saved else "off")  # fmt: skip
+        return self._info(spec)
+
+    def unregister_import(self, name: str) -> None:
+        """Undo an import (the restore after it failed): forget the VM, release it, keep files."""
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        proc = rt.process()
+        if proc is not None and proc.alive():
+            raise ConflictError(f"VM {name!r} runs here; refusing to give it up", field="name")
+        self._forget(spec)
+        self._busy.pop(name, None)
+        self._release_record(spec, rt.saved_paused)
+
+    async def hand_over(self, name: str) -> None:
+        """Let another host take an off or saved VM over from the shared volume.
+
+        Marks the owner record released (with whether a saved state is to be restored paused)
+        and forgets the VM here; its files stay.
+        """
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        proc = rt.process()
+        if proc is not None and proc.alive():
+            raise ConflictError(f"VM {name!r} still runs here; save or stop it first",
+                                field="name")  # fmt: skip
+        self._release_record(spec, rt.saved_paused)
+        await self.release(name, delete_files=False)
+
+    # -- fencing (cluster/member.py) -------------------------------------------------------
+    async def fence(self, name: str) -> bool:
+        """Kill the VM's QEMU at once (SIGKILL), whatever it is doing: its node lost its lease.
+
+        Takes no lock, because fencing must not wait for an operation in progress; marks the
+        VM off so the monitor does not call it crashed. True if a running QEMU was killed.
+        """
+        spec = self._spec(name)
+        rt = self._runtime(spec)
+        proc = rt.process()
+        killed = proc is not None and proc.alive()
+        if proc is not None:
+            await asyncio.to_thread(proc.kill)
+        rt.expected = VMState.OFF.value
+        rt.started_at = None
+        self._save_runtime(spec, rt)
+        log.warning("VM %s fenced (QEMU pid %s killed: %s)", name, rt.pid, killed)
+        return killed
+
+    # -- failover (cluster/member.py) ------------------------------------------------------
+    def forget_taken_over(self, name: str) -> str | None:
+        """Unregister a VM (keeping its files) that another host has taken over; who did.
+
+        Only when its QEMU is not running here and its owner record on the shared volume names
+        another host that did not release it (a failover imported it there). Otherwise None.
+        """
+        try:
+            spec = self._spec(name)
+        except (NotFoundError, HostError):
+            return None
+        proc = self._runtime(spec).process()
+        if proc is not None and proc.alive():
+            return None
+        owner = read_owner(Path(spec.storage_dir))
+        here = self._settings().name
+        if owner is None or owner.host == here or owner.released or owner.uuid != spec.uuid:
+            return None
+        self._forget(spec)
+        self._busy.pop(name, None)
+        log.warning("VM %s now belongs to %s: unregistered here, files kept", name, owner.host)
+        return owner.host
 
     # -- monitor ---------------------------------------------------------------------------
     def start_monitor(self, interval: float = 1.0) -> None:
@@ -922,8 +1168,9 @@ def _delete_files(spec: VMSpec) -> None:
     sdir = Path(spec.storage_dir)
     for d in spec.disks:
         (sdir / d.file).unlink(missing_ok=True)
-    (sdir / STATE_FILE).unlink(missing_ok=True)
+    state_file(spec).unlink(missing_ok=True)
     (sdir / CONFIG_FILE).unlink(missing_ok=True)
+    (sdir / OWNER_FILE).unlink(missing_ok=True)
     try:
         sdir.rmdir()
     except OSError:

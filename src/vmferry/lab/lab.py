@@ -27,6 +27,7 @@ from vmferry.client import (
 )
 from vmferry.errors import ConflictError, HostError, RefusedError
 from vmferry.host.vms import socket_root
+from vmferry.lab import etcd as lab_etcd
 from vmferry.lab import net
 from vmferry.lab.procs import spawn_in_netns, stop_pid
 from vmferry.lab.records import LabRecords, pid_matches
@@ -110,13 +111,21 @@ class Lab:
             "migration_cidr": topo.migration_cidr,
             "link_rate": topo.link_rate,
             "shared_dir": str(self.shared_dir),
+            "etcd": [
+                {**m.__dict__, "url": m.client_url, "running": self.etcd_pid(m.name) is not None}
+                for m in self.etcd_members()
+            ],
         }
 
     # -- up ----------------------------------------------------------------------------------
     def up(
-        self, n_hosts: int = 2, link_rate: str | None = None, agent_timeout: float = 30
+        self,
+        n_hosts: int = 2,
+        link_rate: str | None = None,
+        agent_timeout: float = 30,
+        etcd_members: int = 3,
     ) -> dict[str, Any]:
-        """Build the lab and start every agent; a failed up is torn down again."""
+        """Build the lab, start its etcd members and every agent; a failed up is torn down."""
         if self.state_path.exists():
             raise ConflictError(
                 f"a lab is already up in {self.dir}", fix="run ferry lab down first"
@@ -133,20 +142,37 @@ class Lab:
                 raise RefusedError(
                     f"--link {link_rate!r} is not a rate", field="--link", fix="e.g. 1gbit, 500mbit"
                 ) from exc
+        if not 0 <= etcd_members <= lab_etcd.MAX_MEMBERS:
+            raise RefusedError(
+                f"--etcd-members {etcd_members} is out of range",
+                field="--etcd-members",
+                fix=f"0 (no etcd) to {lab_etcd.MAX_MEMBERS}; 3 tolerates the loss of one",
+            )
+        if etcd_members and shutil.which("etcd") is None:
+            raise RefusedError(
+                "etcd is not installed",
+                field="--etcd-members",
+                fix="run scripts/setup.sh (Debian: apt-get install etcd-server), or pass 0",
+            )
         from vmferry.guest import build_image
 
         build_image()  # before the network: a cold build downloads the kernel
         self.dir.mkdir(parents=True, exist_ok=True)
         records = LabRecords(self.dir)
         try:
-            return self._up(records, n_hosts, link_rate, agent_timeout)
+            return self._up(records, n_hosts, link_rate, agent_timeout, etcd_members)
         except BaseException:
             log.error("lab up failed; removing what it made")
             self.down()
             raise
 
     def _up(
-        self, records: LabRecords, n_hosts: int, link_rate: str | None, agent_timeout: float
+        self,
+        records: LabRecords,
+        n_hosts: int,
+        link_rate: str | None,
+        agent_timeout: float,
+        etcd_members: int = 3,
     ) -> dict[str, Any]:
         records.add("dir", path=str(self.dir / "hosts"))
         records.add("dir", path=str(self.shared_dir))
@@ -160,6 +186,8 @@ class Lab:
         ca = CertificateAuthority.create(self.dir / "pki", f"vmferry lab {tag} CA")
         admin = ca.issue(self.dir / "pki", "admin")
         self.shared_dir.mkdir(parents=True, exist_ok=True)
+        members = self._up_etcd(records, topo, ca, admin.cert, admin.key, etcd_members)
+        endpoints_etcd = [m.client_url for m in members]
         endpoints: dict[str, dict[str, Any]] = {}
         for h in topo.hosts:
             hdir = self.host_dir(h.name)
@@ -176,6 +204,15 @@ class Lab:
                 "memory_reserve_mib": 256,
                 "migration": {"networks": [topo.migration_cidr]},
             }
+            if endpoints_etcd:  # the agent reaches etcd with its own certificate
+                settings["cluster"] = {
+                    "etcd": {
+                        "endpoints": endpoints_etcd,
+                        "ca": str(ca.cert_path),
+                        "cert": str(hdir / "tls" / f"{h.name}.crt"),
+                        "key": str(hdir / "tls" / f"{h.name}.key"),
+                    }
+                }
             (state / "settings.json").write_text(json.dumps(settings, indent=2))
             self._spawn_agent(records, h)
             endpoints[h.name] = HostEndpoint(
@@ -187,6 +224,7 @@ class Lab:
         state_doc = {
             "topology": topo.to_json(),
             "endpoints": endpoints,
+            "etcd": lab_etcd.to_json(members),
             "created_at": time.time(),
         }
         tmp = self.state_path.with_suffix(".tmp")
@@ -196,6 +234,99 @@ class Lab:
             self._wait_agent(h.name, agent_timeout)
         self._register_client_config(endpoints)
         return self.status()
+
+    # -- etcd (lab/etcd.py) -------------------------------------------------------------------
+    def _up_etcd(
+        self,
+        records: LabRecords,
+        topo: net.Topology,
+        ca: CertificateAuthority,
+        cert: Path,
+        key: Path,
+        n: int,
+    ) -> list[lab_etcd.EtcdMember]:
+        members = lab_etcd.plan(topo, self.dir, n)
+        if not members:
+            return []
+        try:
+            lab_etcd.build_network(records, topo, members)
+        except net.LabNetError as exc:
+            raise HostError(f"lab etcd network: {exc}") from exc
+        lab_etcd.start(records, self.dir, ca, members, topo.tag)
+        net.check_lab_route(topo, members[0].ip)
+        try:
+            lab_etcd.wait_healthy(
+                [m.client_url for m in members], str(ca.cert_path), str(cert), str(key), 30
+            )
+        except RuntimeError as exc:
+            raise HostError(str(exc)) from exc
+        return members
+
+    def etcd_members(self) -> list[lab_etcd.EtcdMember]:
+        """The lab's etcd members (empty when it was brought up with 0)."""
+        return lab_etcd.from_json(self._state().get("etcd", []))
+
+    def etcd_member(self, name: str) -> lab_etcd.EtcdMember:
+        """One etcd member by name ("e1", ...)."""
+        for m in self.etcd_members():
+            if m.name == name:
+                return m
+        raise RefusedError(f"no lab etcd member {name!r}", field="member")
+
+    def etcd_client(self, timeout: float = 2.0) -> Any:
+        """An etcd client (:class:`vmferry.cluster.Etcd`) with the admin certificate."""
+        from vmferry.cluster.etcd import Etcd
+
+        topo = self.topology()
+        members = self.etcd_members()
+        if not members:
+            raise RefusedError("this lab has no etcd", fix="ferry lab up --etcd-members 3")
+        net.check_lab_route(topo, members[0].ip)
+        pki = self.dir / "pki"
+        return Etcd(
+            [m.client_url for m in members],
+            str(pki / "ca.crt"),
+            str(pki / "admin.crt"),
+            str(pki / "admin.key"),
+            timeout=timeout,
+        )
+
+    def etcd_pid(self, name: str) -> int | None:
+        """The pid of a running etcd member (from the lab's records)."""
+        for e in reversed(LabRecords(self.dir).entries()):
+            if e.get("kind") == "pid" and e.get("what") == f"etcd {name}":
+                pid, start = int(e["pid"]), int(e.get("start_time") or 0)
+                return pid if start and pid_matches(pid, start) else None
+        return None
+
+    def stop_etcd_member(self, name: str) -> None:
+        """Stop one etcd member (SIGTERM, then SIGKILL), by its recorded pid + start time."""
+        self.etcd_member(name)
+        for e in LabRecords(self.dir).entries():
+            if e.get("kind") == "pid" and e.get("what") == f"etcd {name}":
+                stop_pid(int(e["pid"]), int(e.get("start_time") or 0) or None, timeout=5)
+
+    def start_etcd_member(self, name: str) -> None:
+        """Start a stopped etcd member again (same data directory, same command line)."""
+        m = self.etcd_member(name)
+        if self.etcd_pid(name) is not None:
+            raise ConflictError(f"etcd member {name} is already running")
+        lab_etcd.restart_member(LabRecords(self.dir), self.dir, m)
+
+    def set_mgmt_link(self, host: str, up: bool) -> None:
+        """Unplug (or plug back) a host's management cable: its fabric-side port goes down.
+
+        The host then reaches neither etcd nor the other agents, and the CLI cannot reach it.
+        """
+        topo = self.topology()
+        h = topo.host(host)
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=topo.fabric_netns, flags=0) as fab:
+            idx = fab.link_lookup(ifname=net.fabric_port(h.name, "m"))
+            if not idx:
+                raise HostError(f"no management port for {host} in the lab fabric")
+            fab.link("set", index=idx[0], state="up" if up else "down")
 
     def _spawn_agent(self, records: LabRecords, h: net.HostNet) -> int:
         hdir = self.host_dir(h.name)

@@ -266,6 +266,24 @@ def blackout(
     }
 
 
+def outages(
+    gaps: list[list[float]], min_ms: float = 100.0, join_ms: float = 250.0
+) -> list[tuple[float, float]]:
+    """The outages in a ``blackout`` result's ``gaps`` ([start s, length ms]), in time order.
+
+    Gaps longer than ``min_ms`` count; gaps less than ``join_ms`` apart are one outage (the guest
+    answered once in between). Each is (start s, length ms from its first to its last gap's end).
+    """
+    merged: list[tuple[float, float]] = []
+    for at, ms in sorted((at, ms) for at, ms in gaps if ms > min_ms):
+        if merged and at <= merged[-1][0] + (merged[-1][1] + join_ms) / 1000:
+            start = merged[-1][0]
+            merged[-1] = (start, max(merged[-1][1], (at - start) * 1000 + ms))
+        else:
+            merged.append((at, ms))
+    return merged
+
+
 class _Closed(Exception):
     """The peer closed the TCP session (EOF)."""
 

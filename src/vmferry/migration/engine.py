@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmferry import __version__
-from vmferry.errors import ConflictError, FerryError, NotFoundError, RefusedError
+from vmferry.errors import ConflictError, FerryError, HostError, NotFoundError, RefusedError
 from vmferry.host.host import cpu_info
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import VMSpec
@@ -38,9 +38,10 @@ from vmferry.migration.model import (
     PhaseRecord,
 )
 from vmferry.migration.qemu_ops import (
+    disk_node,
+    mirror_until_ready,
     set_capabilities,
     set_stream_limits,
-    wait_block_jobs_ready,
 )
 from vmferry.migration.slots import Slots
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
@@ -48,6 +49,10 @@ from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
 log = logging.getLogger("vmferry.migration")
 
 POLL_S = 0.02
+#: Before switchover, a destination agent silent this long fails the move (the VM stays here).
+PEER_SILENT_S = 10.0
+#: How long the source keeps asking an unreachable destination to drop a failed move's skeleton.
+ABORT_RETRY_S = 600.0
 
 
 class Peer(Protocol):
@@ -125,6 +130,7 @@ class Moves:
         self._cancel: set[str] = set()
         self._pass_seen: dict[str, int] = {}
         self._pass_remaining: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._last_save = 0.0
         for path in sorted(self.dir.glob("*.json")):
             try:
@@ -286,6 +292,11 @@ class Moves:
         job = self.get(job_id)
         if job.state.terminal:
             raise ConflictError(f"migration {job_id} already {job.state.value}", field="id")
+        if job.kind == "storage" and job.phase in (Phase.SWITCHOVER, Phase.CLEANUP):
+            raise ConflictError(
+                f"storage move {job_id} is past the pivot ({job.phase.value}): the VM already "
+                "uses its new files", field="id", fix="let it finish, then move the storage back",
+            )  # fmt: skip
         if job.phase in (Phase.POSTCOPY, Phase.RESUME, Phase.ANNOUNCE, Phase.CLEANUP) or (
             job.phase is Phase.SWITCHOVER and job.postcopy_used
         ):
@@ -319,6 +330,7 @@ class Moves:
                 qmp = self.vms.qmp_path(name)
                 async with qmp_session(qmp, timeout=15) as q:
                     was_paused = await q.status() == "paused"
+                    job.was_paused = was_paused
                     try:
                         self._enter(job, Phase.CHECKS)
                         plan = await self._checks(job, spec, peer)
@@ -364,7 +376,7 @@ class Moves:
             self._pass_seen.pop(job.id, None)
             self._pass_remaining.pop(job.id, None)
             with contextlib.suppress(FerryError):
-                self.vms.set_busy(name, None)
+                self.vms.set_busy(name, VMState.HANDOVER if job.handover_pending else None)
             await peer.close()
             now = time.time()
             if job.phases and job.phases[-1].ended_at is None:
@@ -380,18 +392,24 @@ class Moves:
     ) -> dict[str, Any]:
         """Hand the VM to the destination; retried, since the guest already runs there."""
         last: FerryError | None = None
-        for attempt in range(6):
+        deadline = time.monotonic() + job.options.commit_retry_s  # covers an agent restart
+        attempt = 0
+        while True:
             try:
                 return await peer.commit(job.id, paused, started)
             except FerryError as exc:
                 last = exc
-                log.warning("move %s: commit attempt %d failed: %s", job.id, attempt + 1, exc)
-                await asyncio.sleep(0.5 * (attempt + 1))
+                attempt += 1
+                log.warning("move %s: commit attempt %d failed: %s", job.id, attempt, exc)
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(min(5.0, 0.5 * attempt))
         assert last is not None
+        job.handover_pending = True
         raise MoveFailed(
             f"the guest runs on {job.destination} but the destination agent did not take it "
-            f"over: {last.message}",
-            f"check ferryd on {job.destination}; the source QEMU is kept paused",
+            f"over: {last.message}; the source QEMU is kept paused",
+            f"check ferryd on {job.destination}, then: ferry migration complete {job.id}",
         )
 
     async def _queue(self, job: Job) -> None:
@@ -454,24 +472,21 @@ class Moves:
         )
 
     async def _mirror(self, job: Job, q: QmpSession, plan: IncomingPlan, address: str) -> None:
-        jobs = []
+        mirrors = []
         for disk in plan.mirrored:
             await q.execute("blockdev-add", {
                 "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
                 "server": {"type": "inet", "host": address, "port": str(plan.nbd_port)},
             })  # fmt: skip
-            await q.execute("blockdev-mirror", {
-                "job-id": f"mirror-{disk}", "device": f"drv-{disk}", "target": f"nbd-{disk}",
-                "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": True,
-            })  # fmt: skip
-            jobs.append(f"mirror-{disk}")
+            # The disk's node changes name after a storage move: look it up by its device.
+            mirrors.append((f"mirror-{disk}", await disk_node(q, disk), f"nbd-{disk}"))
 
         def progress(done: int, total: int) -> None:
             job.progress.disk_transferred, job.progress.disk_total = done, total
             self._check_cancel(job)
             self._save(job, force=False)
 
-        await wait_block_jobs_ready(q, jobs, timeout=24 * 3600, on_progress=progress)
+        await mirror_until_ready(q, mirrors, timeout=24 * 3600, on_progress=progress)
 
     async def _recover_postcopy(self, job: Job, q: QmpSession, peer: Peer, address: str) -> None:
         """The link broke in post-copy: both halves wait; reconnect when the link is back.
@@ -490,6 +505,7 @@ class Moves:
             except (FerryError, QmpError) as exc:
                 log.info("move %s: post-copy recovery attempt failed: %s", job.id, exc)
                 continue
+            st = "none"
             for _ in range(100):
                 st = (await q.execute("query-migrate")).get("status")
                 if st in ("postcopy-active", "completed"):
@@ -498,6 +514,11 @@ class Moves:
                 if st == "postcopy-paused":
                     break
                 await asyncio.sleep(0.1)
+            if st != "postcopy-paused":
+                # The handshake hangs (e.g. one channel half-open): pause again and retry.
+                log.warning("move %s: post-copy recovery stuck in %s; pausing to retry", job.id, st)
+                with contextlib.suppress(QmpError):
+                    await q.execute("migrate-pause")
         raise MoveFailed(
             f"post-copy could not reconnect within {job.options.recover_timeout_s:.0f} s; the "
             "guest stays paused with its memory split between the hosts",
@@ -520,6 +541,17 @@ class Moves:
                                     opts.downtime_target_ms)  # fmt: skip
         await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
         started = time.monotonic()
+        watch = _PeerWatch(peer, job.id)
+        try:
+            await self._precopy_loop(job, q, plan, peer, address, req, watch, started)
+        finally:
+            watch.close()
+
+    async def _precopy_loop(
+        self, job: Job, q: QmpSession, plan: IncomingPlan, peer: Peer, address: str,
+        req: IncomingRequest, watch: _PeerWatch, started: float,
+    ) -> None:  # fmt: skip
+        opts = job.options
         last_bytes, last_progress = -1, time.monotonic()
         forced = False
         while True:
@@ -559,6 +591,7 @@ class Moves:
                 last_progress = time.monotonic()
             if job.phase is Phase.PRECOPY:
                 self._check_cancel(job)
+                watch.check(job.destination)
                 if time.monotonic() - last_progress > opts.stall_timeout_s:
                     raise MoveFailed(
                         f"no progress for {opts.stall_timeout_s:.0f} s: the migration link "
@@ -689,15 +722,74 @@ class Moves:
             try:
                 await peer.abort(job.id)
             except FerryError as err:
-                log.warning("move %s: destination cleanup failed: %s", job.id, err)
+                log.warning("move %s: destination cleanup failed, retrying: %s", job.id, err)
+                dest = Destination(name=job.destination, url=job.destination_url)
+                task = asyncio.ensure_future(self._abort_later(job.id, dest))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         log.info("move %s rolled back (%s); %s stays on the source", job.id, exc, job.vm)
+
+    async def complete(self, job_id: str) -> Job:
+        """Finish a hand-over that failed after QEMU completed (``ferry migration complete``)."""
+        job = self.get(job_id)
+        if not job.handover_pending:
+            raise ConflictError(
+                f"move {job_id} has no unfinished hand-over (it is {job.state.value})",
+                field="job_id",
+                fix="ferry migration list shows the moves whose state is failed with a hand-over",
+            )
+        peer = self._peers(Destination(name=job.destination, url=job.destination_url))
+        try:
+            async with self.vms.lock(job.vm):
+                started = self.vms.started_at(job.vm)
+                quick = job.options.model_copy(update={"commit_retry_s": 5.0})
+                try:
+                    await self._commit(job.model_copy(update={"options": quick}), peer,
+                                       job.was_paused, started)  # fmt: skip
+                except MoveFailed as exc:
+                    raise HostError(exc.message, fix=exc.fix) from exc
+                self._enter(job, Phase.CLEANUP)
+                await self.vms.release(job.vm, delete_files=job.mode == "shared-nothing")
+        finally:
+            await peer.close()
+        job.handover_pending = False
+        job.state = JobState.COMPLETED
+        job.error = None
+        job.escalations.append("hand-over completed by the admin")
+        job.finished_at = time.time()
+        self._save(job)
+        log.info("move %s: hand-over of %s to %s completed", job.id, job.vm, job.destination)
+        return job
+
+    async def _abort_later(self, job_id: str, dest: Destination) -> None:
+        """Keep asking a destination that was unreachable to remove its skeleton VM."""
+        peer = self._peers(dest)
+        deadline = time.monotonic() + ABORT_RETRY_S
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(2.0)
+                try:
+                    await peer.abort(job_id)
+                except FerryError:
+                    continue
+                log.info("move %s: destination %s cleaned up", job_id, dest.name)
+                return
+            log.error("move %s: destination %s never answered; its skeleton VM may remain",
+                      job_id, dest.name)  # fmt: skip
+        finally:
+            await peer.close()
 
     # -- agent restart -------------------------------------------------------------------------
     async def recover(self) -> None:
         """Settle jobs an earlier agent process left unfinished."""
         for job in list(self.jobs.values()):
+            if job.handover_pending:
+                with contextlib.suppress(FerryError):
+                    self.vms.set_busy(job.vm, VMState.HANDOVER)  # never resume that copy
             if job.state.terminal:
                 continue
+            if job.kind == "storage":
+                continue  # settled by migration.storage.StorageMoves.recover
             peer = self._peers(Destination(name=job.destination, url=job.destination_url))
             try:
                 await self._recover_one(job, peer)
@@ -742,6 +834,47 @@ class Moves:
                 "the VM keeps running on the source",
                 fix="start the move again",
             )
+
+
+class _PeerWatch:
+    """Asks the destination agent how it is, once a second, without holding up the poll loop."""
+
+    def __init__(self, peer: Peer, job_id: str) -> None:
+        self.peer, self.job_id = peer, job_id
+        self.ok_at = time.monotonic()
+        self.task: asyncio.Task[dict[str, Any]] | None = None
+        self.next_at = 0.0
+
+    def check(self, dest: str) -> None:
+        """Raise MoveFailed when the destination is gone; start the next question when due."""
+        now = time.monotonic()
+        if self.task is not None and self.task.done():
+            exc = self.task.exception()
+            if exc is None:
+                status = self.task.result()
+                if not status.get("alive", True):
+                    raise MoveFailed(
+                        f"the destination QEMU on {dest} is gone",
+                        "see the destination agent's log; the VM keeps running on the source",
+                    )
+                self.ok_at = now
+            elif not isinstance(exc, FerryError):
+                log.warning("move %s: destination status: %s", self.job_id, exc)
+            self.task = None
+        if now - self.ok_at > PEER_SILENT_S:
+            raise MoveFailed(
+                f"the destination agent on {dest} has not answered for {PEER_SILENT_S:.0f} s",
+                f"check ferryd on {dest}; the VM keeps running on the source",
+            )
+        if self.task is None and now >= self.next_at:
+            self.next_at = now + 1.0
+            self.task = asyncio.ensure_future(self.peer.status(self.job_id))
+
+    def close(self) -> None:
+        """Stop asking."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _drop_mirrors(q: QmpSession) -> None:

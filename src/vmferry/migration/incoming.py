@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -68,6 +69,11 @@ class Incoming:
     created_dir: Path | None = None
     listeners: list[asyncio.Server] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    #: Held open from the start of the stream on the VM's second QMP socket: during post-copy
+    #: QEMU's main loop can block on a missing page, and then only a session negotiated earlier
+    #: can still send the out-of-band ``migrate-recover``.
+    oob: contextlib.AsyncExitStack | None = None
+    oob_session: QmpSession | None = None
 
 
 class IncomingMoves:
@@ -78,6 +84,57 @@ class IncomingMoves:
         self._settings = settings
         self.slots = slots
         self.active: dict[str, Incoming] = {}
+        self._dir = vms.state_dir / "incoming"
+
+    # -- records: an agent restart must not forget a VM it is receiving ----------------------
+    def _record_path(self, job_id: str) -> Path:
+        return self._dir / f"{job_id}.json"
+
+    def _persist(self, inc: Incoming) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "req": inc.req.model_dump(mode="json"),
+            "plan": inc.plan.model_dump(mode="json"),
+            "created": [str(f) for f in inc.created],
+            "created_dir": str(inc.created_dir) if inc.created_dir else None,
+        }
+        path = self._record_path(inc.req.job_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    def _drop_record(self, job_id: str) -> None:
+        self._record_path(job_id).unlink(missing_ok=True)
+
+    def load(self) -> list[str]:
+        """Take back the moves an earlier agent process was receiving (at start-up).
+
+        The source decides how each ends (commit or abort); until then the VM stays
+        ``incoming``. A record whose VM is no longer incoming here is stale and dropped.
+        """
+        taken: list[str] = []
+        for path in sorted(self._dir.glob("*.json")) if self._dir.exists() else []:
+            try:
+                data = json.loads(path.read_text())
+                inc = Incoming(
+                    req=IncomingRequest.model_validate(data["req"]),
+                    plan=IncomingPlan.model_validate(data["plan"]),
+                    created=[Path(f) for f in data["created"]],
+                    created_dir=Path(data["created_dir"]) if data["created_dir"] else None,
+                )
+                state = self.vms.state(inc.req.spec.name)
+            except (OSError, ValueError, KeyError, NotFoundError) as exc:
+                log.warning("dropping incoming record %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+                continue
+            if state is not VMState.INCOMING:
+                path.unlink(missing_ok=True)
+                continue
+            self.slots.try_acquire(inc.req.job_id)
+            self.active[inc.req.job_id] = inc
+            taken.append(inc.req.job_id)
+            log.info("resuming incoming move %s of %s", inc.req.job_id, inc.req.spec.name)
+        return taken
 
     # -- checks ------------------------------------------------------------------------------
     def _plan_storage(
@@ -109,7 +166,8 @@ class IncomingMoves:
             if mapped:
                 disks[d.name] = str(resolve_under_roots(mapped, roots, f"disk_map[{d.name}]"))
             else:
-                disks[d.name] = str(target / d.file)
+                # d.file may be a relative path out of the folder (after a storage move).
+                disks[d.name] = str(target / Path(d.file).name)
         return "shared-nothing", str(target), disks, [d.name for d in spec.disks]
 
     def checks(self, req: IncomingRequest) -> tuple[list[CheckResult], IncomingPlan | None]:
@@ -278,7 +336,9 @@ class IncomingMoves:
         try:
             plan.port, plan.nbd_port = self._ports()
             self.active[req.job_id] = inc
+            self._persist(inc)
             await self._build(inc)
+            self._persist(inc)
         except BaseException:
             await self.abort(req.job_id)
             raise
@@ -302,6 +362,8 @@ class IncomingMoves:
         new_spec = spec.model_copy(
             update={
                 "storage_dir": str(sdir),
+                # A saved-state folder elsewhere on the source means nothing here.
+                "state_dir": spec.state_dir if plan.mode == "shared" else None,
                 "disks": [
                     DiskSpec(
                         name=d.name,
@@ -352,6 +414,7 @@ class IncomingMoves:
             await server.wait_closed()
         inc.listeners.clear()
         inc.plan.candidates = [address]
+        self._persist(inc)
         name = inc.req.spec.name
         try:
             async with qmp_session(self.vms.qmp_path(name)) as q:
@@ -370,6 +433,8 @@ class IncomingMoves:
                 await q.execute("migrate-incoming", {"uri": f"tcp:{address}:{inc.plan.port}"})
         except QmpError as exc:
             raise HostError(f"destination could not start receiving: {exc}") from exc
+        if inc.req.postcopy:
+            await self._open_oob(inc)
 
     async def status(self, job_id: str) -> dict[str, Any]:
         """The destination QEMU's view (run state and migration status)."""
@@ -409,25 +474,73 @@ class IncomingMoves:
             if inc.plan.mirrored:
                 with contextlib.suppress(QmpError):
                     await q.execute("nbd-server-stop")
+        await self._close_oob(inc)
         info = self.vms.commit_incoming(name, paused, started_at)
         self.active.pop(job_id, None)
+        self._drop_record(job_id)
         self.slots.release(job_id)
         log.info("received VM %s (move %s)", name, job_id)
         return {"vm": info.model_dump(mode="json"), **timings}
 
+    async def _open_oob(self, inc: Incoming) -> None:
+        stack = contextlib.AsyncExitStack()
+        try:
+            inc.oob_session = await stack.enter_async_context(
+                qmp_session(self.vms.diag_qmp_path(inc.req.spec.name))
+            )
+        except QmpError as exc:
+            log.warning("move %s: no out-of-band QMP session: %s", inc.req.job_id, exc)
+            await stack.aclose()
+            return
+        inc.oob = stack
+
+    async def _close_oob(self, inc: Incoming) -> None:
+        if inc.oob is not None:
+            with contextlib.suppress(Exception):
+                await inc.oob.aclose()
+        inc.oob, inc.oob_session = None, None
+
     async def recover(self, job_id: str, address: str) -> int:
         """Post-copy recovery: listen again (new port) for the source to resume the stream."""
         inc = self._get(job_id)
+        used = {inc.plan.port, inc.plan.nbd_port}
+        s = self._settings().migration
+        if inc.oob_session is not None:
+            # The main loop may be blocked on a missing page: out of band, no status query.
+            port = next(p for p in range(s.port_min, s.port_max) if p not in used)
+            uri = {"uri": f"tcp:{address}:{port}"}
+            try:
+                await inc.oob_session.execute("migrate-recover", uri, oob=True)
+            except QmpError:
+                # An earlier attempt hangs half-way: back to paused, then listen again.
+                with contextlib.suppress(QmpError):
+                    await inc.oob_session.execute("migrate-pause", oob=True)
+                await asyncio.sleep(0.5)
+                try:
+                    await inc.oob_session.execute("migrate-recover", uri, oob=True)
+                except QmpError as exc:
+                    raise ConflictError(f"destination cannot listen for recovery: {exc}") from exc
+            inc.plan.port = port
+            self._persist(inc)
+            return port
         name = inc.req.spec.name
         async with qmp_session(self.vms.qmp_path(name)) as q:
             st = (await q.execute("query-migrate")).get("status")
+            if st in ("postcopy-recover-setup", "postcopy-recover"):
+                # An earlier attempt hangs half-way: back to paused, then listen again.
+                with contextlib.suppress(QmpError):
+                    await q.execute("migrate-pause")
+                for _ in range(50):
+                    st = (await q.execute("query-migrate")).get("status")
+                    if st == "postcopy-paused":
+                        break
+                    await asyncio.sleep(0.1)
             if st != "postcopy-paused":
                 raise ConflictError(f"destination migration is {st}, not postcopy-paused")
-            used = {inc.plan.port, inc.plan.nbd_port}
-            s = self._settings().migration
             port = next(p for p in range(s.port_min, s.port_max) if p not in used)
             await q.execute("migrate-recover", {"uri": f"tcp:{address}:{port}"})
         inc.plan.port = port
+        self._persist(inc)
         return port
 
     async def abort(self, job_id: str) -> None:
@@ -436,6 +549,8 @@ class IncomingMoves:
         self.slots.release(job_id)
         if inc is None:
             return
+        self._drop_record(job_id)
+        await self._close_oob(inc)
         for server in inc.listeners:
             server.close()
         name = inc.req.spec.name

@@ -74,6 +74,11 @@ class MoveOptions(BaseModel):
     stall_timeout_s: float = Field(default=20.0, ge=1, le=3600)
     #: How long to keep retrying post-copy recovery after the link broke.
     recover_timeout_s: float = Field(default=600.0, ge=1, le=86400)
+    #: How long to keep handing a finished move to a destination agent that does not answer.
+    commit_retry_s: float = Field(default=60.0, ge=1, le=3600)
+    #: Quick migration (``--quick``): save the VM's state to the shared volume, hand the VM
+    #: over, restore it on the destination (see ``migration/quick.py``).
+    quick: bool = False
 
 
 class MoveRequest(BaseModel):
@@ -159,11 +164,54 @@ class JobError(BaseModel):
     fix: str | None = None
 
 
+class StorageMoveRequest(BaseModel):
+    """``POST /v1/vms/{name}/move-storage``: where the VM's files go (all on this host).
+
+    ``to`` places every file (configuration, disks, saved state) in one directory; the per-item
+    fields override it for one kind of file. Paths are absolute or relative to the first
+    storage root, and must stay under the host's storage roots.
+    """
+
+    to: str | None = None
+    #: disk name -> new file (or an existing directory: the file keeps its name).
+    disk_map: dict[str, str] = Field(default_factory=dict)
+    config_to: str | None = None
+    state_to: str | None = None
+    #: Cap on the copy rate (Mbit/s); none by default.
+    bandwidth_mbps: int | None = Field(default=None, ge=1)
+
+
+class FileMove(BaseModel):
+    """One file of a storage move: from, to, and (for disks) its name and format."""
+
+    kind: Literal["disk", "config", "state"]
+    src: str
+    dst: str
+    disk: str | None = None
+    fmt: str | None = None
+    size_bytes: int = 0
+
+
+class StoragePlan(BaseModel):
+    """What a storage move changes: the files that move and the VM's new directories."""
+
+    live: bool
+    storage_dir: str
+    new_storage_dir: str
+    new_state_dir: str | None
+    files: list[FileMove] = Field(default_factory=list)
+
+    @property
+    def disks(self) -> list[FileMove]:
+        """The disk files that move."""
+        return [f for f in self.files if f.kind == "disk"]
+
+
 class Job(BaseModel):
     """A move job, as stored on the source host and shown by ``ferry migration show``."""
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    kind: Literal["live"] = "live"
+    kind: Literal["live", "storage", "quick"] = "live"
     vm: str
     source: str
     destination: str
@@ -176,6 +224,11 @@ class Job(BaseModel):
     transport: str | None = None
     address: str | None = None
     postcopy_used: bool = False
+    #: The guest was paused when the move began (the destination keeps it paused).
+    was_paused: bool = False
+    #: QEMU finished but the destination agent has not taken the VM over yet: the source
+    #: QEMU stays paused until ``ferry migration complete ID`` succeeds.
+    handover_pending: bool = False
     escalations: list[str] = Field(default_factory=list)
     phases: list[PhaseRecord] = Field(default_factory=list)
     progress: Progress = Field(default_factory=Progress)
@@ -188,6 +241,15 @@ class Job(BaseModel):
     error: JobError | None = None
     created_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
+    #: Storage moves only: the files that move and where the VM's directories end up.
+    storage: StoragePlan | None = None
+    #: Quick moves: the guest's outage, from pausing it on the source to it running again on
+    #: the destination (None when the VM was not running).
+    downtime_ms: int | None = None
+    #: Quick moves: the VM's state when the move began (what a rollback restores) and its
+    #: folder on the shared volume (where a rollback imports it from).
+    vm_state: str | None = None
+    storage_dir: str | None = None
 
     @field_validator("phases")
     @classmethod
@@ -198,6 +260,7 @@ class Job(BaseModel):
         """The one-line view used by listings."""
         return {
             "id": self.id,
+            "kind": self.kind,
             "vm": self.vm,
             "source": self.source,
             "destination": self.destination,
@@ -206,5 +269,6 @@ class Job(BaseModel):
             "mode": self.mode,
             "total_s": self.total_s,
             "qemu_downtime_ms": self.qemu_downtime_ms,
+            "downtime_ms": self.downtime_ms,
             "created_at": self.created_at,
         }

@@ -74,6 +74,67 @@ async def wait_block_jobs_ready(
                         sum(int(j["len"]) for j in info.values()))  # fmt: skip
         if all(info[j].get("ready") for j in jobs):
             return
+        ended = [j for j in jobs if info[j].get("status") == "concluded"]
+        if ended:
+            detail = info[ended[0]].get("error") or "it ended before reaching sync"
+            raise QmpError(f"mirror job {ended[0]} failed: {detail}")
         if time.monotonic() > deadline:
             raise QmpError(f"mirrors did not reach sync within {timeout:.0f} s")
         await asyncio.sleep(0.1)
+
+
+def disk_device(disk: str) -> str:
+    """The qdev id of a VM disk's virtio-blk device (stable across pivots)."""
+    return f"vd-drv-{disk}"
+
+
+async def disk_node(q: QmpSession, disk: str) -> str:
+    """The block node a VM disk's device uses now.
+
+    It starts as ``drv-<disk>`` (the command line) and changes with every storage-move pivot,
+    so mirrors look it up through the device instead of assuming the name.
+    """
+    dev = f"/{disk_device(disk)}/"
+    for entry in await q.execute("query-block"):
+        node = (entry.get("inserted") or {}).get("node-name")
+        if node and dev in f"{entry.get('qdev', '')}/":
+            return str(node)
+    return f"drv-{disk}"
+
+
+async def start_mirror(
+    q: QmpSession,
+    job_id: str,
+    device: str,
+    target: str,
+    *,
+    speed_bps: int | None = None,
+    auto_dismiss: bool = True,
+) -> None:
+    """Mirror node ``device`` into node ``target`` (full copy; guest writes go to both)."""
+    args: dict[str, Any] = {
+        "job-id": job_id, "device": device, "target": target, "sync": "full",
+        # Once in sync, every guest write is acknowledged only after it reached the target,
+        # so the copy converges under any write rate.
+        "copy-mode": "write-blocking", "auto-dismiss": auto_dismiss,
+    }  # fmt: skip
+    if speed_bps:
+        args["speed"] = speed_bps
+    await q.execute("blockdev-mirror", args)
+
+
+async def mirror_until_ready(
+    q: QmpSession,
+    mirrors: list[tuple[str, str, str]],
+    *,
+    timeout: float,
+    on_progress: Any = None,
+    speed_bps: int | None = None,
+    auto_dismiss: bool = True,
+) -> None:
+    """Start one mirror per ``(job_id, device node, target node)`` and wait until all are in
+    sync. Used by live migration (NBD targets) and storage moves (local file targets)."""
+    for job_id, device, target in mirrors:
+        await start_mirror(q, job_id, device, target, speed_bps=speed_bps,
+                           auto_dismiss=auto_dismiss)  # fmt: skip
+    await wait_block_jobs_ready(q, [m[0] for m in mirrors], timeout, on_progress)

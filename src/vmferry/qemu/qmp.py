@@ -26,11 +26,21 @@ class QmpSession:
         self.timeout = timeout
 
     async def execute(
-        self, cmd: str, args: Mapping[str, object] | None = None, timeout: float | None = None
+        self,
+        cmd: str,
+        args: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+        oob: bool = False,
     ) -> Any:
-        """Run one QMP command and return its ``return`` value."""
+        """Run one QMP command and return its ``return`` value.
+
+        ``oob`` runs it out of band (QEMU's monitor thread), for the few commands that must
+        work while QEMU's main loop is blocked (``migrate-recover``, ``migrate-pause``).
+        """
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), timeout or self.timeout)
+            return await asyncio.wait_for(
+                self._client.execute(cmd, args, oob=oob), timeout or self.timeout
+            )
         except ExecuteError as exc:
             raise QmpError(f"QMP {cmd} failed: {exc.error.error.desc}") from exc
         except TimeoutError as exc:

@@ -1,0 +1,388 @@
+"""The failover controller: runs on the elected leader and restarts a dead node's clustered VMs.
+
+Every ``TICK`` the leader reads the cluster (one etcd range read). A node whose ``alive`` key is
+gone has lost its lease: etcd deleted the key when the lease expired, and the node stopped its
+clustered VMs at TTL/2 before that (self-fencing, or its fence guard). For each clustered VM
+such a node owned:
+
+1. :func:`plan` (pure) lists what needs a node, what waits for a restart, what is in flight;
+2. the alive nodes' agents report their free memory; :func:`vmferry.cluster.placement.place`
+   (pure) picks the best possible node, highest priority first;
+3. one etcd transaction gives the VM to that node — it holds only while the old owner still has
+   no lease, the VM record is unchanged and this node still holds the leader key — with
+   ``restart_pending`` set;
+4. the new node's agent imports the VM's configuration from the shared volume (``vm import``,
+   which also refuses while any QEMU holds the VM's disks) and starts it; then
+   ``restart_pending`` is cleared. At most ``cluster.failover_concurrency`` restarts run at once.
+
+A VM that cannot be placed stays owned by the dead node and is reported (event + controller
+report) and placed on a later pass once a node has room; a failed restart stays pending on its
+node and is retried after ``RETRY_S``. Events record what moved where, why and how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmferry.cluster.etcd import Etcd, EtcdUnavailable
+from vmferry.cluster.member import ClusterMember, etcd_for
+from vmferry.cluster.placement import NodeRoom, Placement, VMDemand, place
+from vmferry.cluster.store import (
+    ClusteredVM,
+    ClusterEvent,
+    ClusterState,
+    ClusterVMStore,
+    ControllerReport,
+)
+from vmferry.errors import FerryError, NotFoundError
+from vmferry.host.settings import HostSettings
+
+log = logging.getLogger("vmferry.cluster.controller")
+
+TICK = 1.0
+RETRY_S = 10.0
+
+
+class AgentCalls(Protocol):
+    """What the controller asks the nodes' agents (``api/cluster_peer.py``)."""
+
+    async def host_info(self, url: str) -> dict[str, Any]: ...
+    async def vm(self, url: str, name: str) -> dict[str, Any] | None: ...
+    async def import_vm(self, url: str, path: str) -> dict[str, Any]: ...
+    async def start_vm(self, url: str, name: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class Plan:
+    """What one pass has to do (see :func:`plan`)."""
+
+    dead: list[str] = field(default_factory=list)
+    #: VMs whose owner has no lease: they need a new node.
+    orphans: list[ClusteredVM] = field(default_factory=list)
+    #: VMs given to an alive node whose restart has not been seen to succeed.
+    retries: list[ClusteredVM] = field(default_factory=list)
+    #: VMs that cannot be failed over at all, with why (e.g. no folder recorded).
+    broken: dict[str, str] = field(default_factory=dict)
+
+
+def plan(state: ClusterState, in_flight: Iterable[str], now: float = 0.0,
+         retry_at: dict[str, float] | None = None) -> Plan:  # fmt: skip
+    """Which clustered VMs need a node, which need their restart retried (pure)."""
+    busy = set(in_flight)
+    retry_at = retry_at or {}
+    alive = {n for n in state.nodes if n in state.alive}
+    out = Plan(dead=sorted(n for n in state.nodes if n not in alive))
+    for vm in sorted(state.vms.values(), key=lambda v: v.name):
+        if vm.name in busy:
+            continue
+        if vm.node not in alive:
+            if not vm.storage_dir:
+                out.broken[vm.name] = "no folder on a shared volume is recorded for it"
+            else:
+                out.orphans.append(vm)
+        elif vm.restart_pending and retry_at.get(vm.name, 0.0) <= now:
+            out.retries.append(vm)
+    return out
+
+
+def rooms(
+    state: ClusterState, free_mib: dict[str, int], in_flight: Iterable[str]
+) -> list[NodeRoom]:
+    """The alive nodes that answered with their free memory, less what is promised to VMs not
+    yet started there, with the anti-affinity groups each node already holds (pure)."""
+    busy = set(in_flight)
+    out: dict[str, NodeRoom] = {n: NodeRoom(n, free, Counter()) for n, free in free_mib.items()
+                                if n in state.alive}  # fmt: skip
+    for vm in state.vms.values():
+        room = out.get(vm.node)
+        if room is None:
+            continue
+        if vm.anti_affinity:
+            room.groups[vm.anti_affinity] += 1
+        if vm.restart_pending or vm.name in busy:
+            room.free_mib -= vm.memory_mib  # promised, its QEMU is not counted by the agent yet
+    return sorted(out.values(), key=lambda r: r.name)
+
+
+def demand(vm: ClusteredVM) -> VMDemand:
+    """The placement view of a clustered VM."""
+    return VMDemand(
+        name=vm.name, memory_mib=vm.memory_mib, priority=vm.priority,
+        preferred=tuple(vm.preferred), possible=tuple(vm.possible),
+        anti_affinity=vm.anti_affinity,
+    )  # fmt: skip
+
+
+class Controller:
+    """Runs while this node is the leader: failover of clustered VMs."""
+
+    def __init__(
+        self, member: ClusterMember, settings: Callable[[], HostSettings], calls: AgentCalls
+    ) -> None:
+        self.member = member
+        self._settings = settings
+        self.calls = calls
+        self.in_flight: set[str] = set()
+        self.retry_at: dict[str, float] = {}
+        self.last_seen_alive: dict[str, float] = {}
+        self.noticed_dead: dict[str, float] = {}
+        self._reported: dict[str, str] = {}
+        self._last_report: ControllerReport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._sem: asyncio.Semaphore | None = None
+        self._etcd: Etcd | None = None
+        self._etcd_key: str | None = None
+        self.last_error: str | None = None
+        self.last_pass: dict[str, Any] = {}
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop (it acts only while this node is the leader)."""
+        self._task = asyncio.create_task(self._loop(), name="cluster-controller")
+
+    async def stop(self) -> None:
+        """Stop the loop and any restart in progress."""
+        tasks = [t for t in [self._task, *self._restarts] if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._task = None
+        if self._etcd is not None:
+            self._etcd.close()
+            self._etcd = None
+
+    def _store(self) -> ClusterVMStore:
+        cfg = self._settings().cluster.etcd
+        key = cfg.model_dump_json()
+        if self._etcd is None or key != self._etcd_key:
+            if self._etcd is not None:
+                self._etcd.close()
+            self._etcd = etcd_for(self._settings(), timeout=2.0)
+            self._etcd_key = key
+        return ClusterVMStore(self._etcd)
+
+    def _is_leader(self) -> bool:
+        m = self.member
+        return bool(m.cluster and m.lease and m.leader == m.node)
+
+    async def _loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                if self._is_leader():
+                    await self.run_once()
+                else:
+                    self.last_seen_alive.clear()
+                    self.noticed_dead.clear()
+                self.last_error = None
+            except EtcdUnavailable as exc:
+                self.last_error = str(exc)
+            except NotFoundError:  # the cluster was destroyed meanwhile
+                pass
+            except Exception as exc:  # the loop must never die
+                log.exception("controller pass failed")
+                self.last_error = f"{exc.__class__.__name__}: {exc}"
+            await asyncio.sleep(max(0.05, TICK - (time.monotonic() - t0)))
+
+    # -- one pass -------------------------------------------------------------------------------
+    async def run_once(self) -> Placement | None:
+        """One controller pass; the placement it made (None when nothing needed a node)."""
+        cluster = self.member.cluster
+        if cluster is None:
+            return None
+        store = self._store()
+        state, revs, leader_rev = await asyncio.to_thread(store.load_full, cluster)
+        if state.leader is None or state.leader.node != self.member.node or leader_rev is None:
+            return None
+        now = time.time()
+        for n in state.nodes:
+            if n in state.alive:
+                self.last_seen_alive[n] = now
+                self.noticed_dead.pop(n, None)
+            elif n not in self.noticed_dead:
+                self.noticed_dead[n] = now
+                log.warning("cluster %s: node %s has no lease", cluster, n)
+        p = plan(state, self.in_flight, time.monotonic(), self.retry_at)
+        for name, why in p.broken.items():
+            await self._report_once(store, cluster, name, "unplaced", why, state.vms[name].node)
+        for vm in p.retries:
+            self._spawn(store, cluster, vm, state, decided_at=now, decide_ms=0.0)
+        result: Placement | None = None
+        if p.orphans:
+            free = await self._free_memory(state)
+            t0 = time.perf_counter()
+            result = place([demand(v) for v in p.orphans], rooms(state, free, self.in_flight))
+            decide_ms = (time.perf_counter() - t0) * 1000
+            decided_at = time.time()
+            for d in result.decisions:
+                vm = state.vms[d.vm]
+                new = vm.model_copy(update={"node": d.node, "restart_pending": True})
+                ok = await asyncio.to_thread(
+                    store.reassign, cluster, new, revs[d.vm], vm.node, leader_rev
+                )
+                if not ok:  # the old owner came back, the record changed, or we lost the lead
+                    log.info("failover of %s not recorded: the cluster changed", d.vm)
+                    continue
+                self._reported.pop(d.vm, None)
+                timings = self._detect_timings(vm.node, decided_at, decide_ms)
+                ev = ClusterEvent(
+                    kind="failover", vm=d.vm, node=d.node, from_node=vm.node,
+                    by=self.member.node, timings=timings,
+                    reason=f"node {vm.node} lost its lease; priority {d.priority}; {d.reason}",
+                )  # fmt: skip
+                await asyncio.to_thread(store.add_event, cluster, ev)
+                log.warning("failover: %s from %s to %s (%s)", d.vm, vm.node, d.node, d.reason)
+                self._spawn(store, cluster, new, state, decided_at, decide_ms)
+            for name, why in result.unplaced.items():
+                await self._report_once(store, cluster, name, "unplaced", why, state.vms[name].node)
+            for name, why in result.skipped.items():
+                await self._report_once(store, cluster, name, "skipped", why, state.vms[name].node)
+        rep = ControllerReport(
+            leader=self.member.node, at=now, dead_nodes=p.dead,
+            unplaced={**p.broken, **(result.unplaced if result else {})},
+            skipped=result.skipped if result else {}, in_flight=sorted(self.in_flight),
+        )  # fmt: skip
+        if self._last_report is None or _differs(rep, self._last_report):
+            await asyncio.to_thread(store.put_report, cluster, rep)
+            self._last_report = rep
+        self.last_pass = {"at": now, "dead": p.dead, "orphans": [v.name for v in p.orphans]}
+        return result
+
+    def _detect_timings(self, node: str, decided_at: float, decide_ms: float) -> dict[str, float]:
+        seen = self.last_seen_alive.get(node)
+        noticed = self.noticed_dead.get(node, decided_at)
+        t: dict[str, float] = {"noticed_at": noticed, "decided_at": decided_at,
+                               "decision_ms": round(decide_ms, 3)}  # fmt: skip
+        if seen is not None:  # the lease expired between these two reads of the cluster
+            t["last_seen_alive_at"] = seen
+        return t
+
+    async def _free_memory(self, state: ClusterState) -> dict[str, int]:
+        """Free memory for VMs of each alive node that answers (others get nothing)."""
+
+        async def one(node: str) -> tuple[str, int | None]:
+            try:
+                info = await self.calls.host_info(state.nodes[node].url)
+                return node, int(info["memory_free_for_vms_mib"])
+            except (FerryError, KeyError, ValueError, TypeError) as exc:
+                log.warning("node %s did not report its memory: %s", node, exc)
+                return node, None
+
+        alive = [n for n in state.nodes if n in state.alive]
+        got = await asyncio.gather(*(one(n) for n in alive))
+        return {n: free for n, free in got if free is not None}
+
+    async def _report_once(
+        self, store: ClusterVMStore, cluster: str, vm: str, kind: str, why: str, node: str
+    ) -> None:
+        """An event for a VM that cannot be restarted, once per distinct reason."""
+        if self._reported.get(vm) == f"{kind}:{why}":
+            return
+        self._reported[vm] = f"{kind}:{why}"
+        ev = ClusterEvent(kind=kind, vm=vm, from_node=node, reason=why, by=self.member.node)
+        await asyncio.to_thread(store.add_event, cluster, ev)
+        log.warning("failover: %s %s: %s", vm, kind, why)
+
+    # -- restart on the new node ----------------------------------------------------------------
+    def _spawn(
+        self, store: ClusterVMStore, cluster: str, vm: ClusteredVM, state: ClusterState,
+        decided_at: float, decide_ms: float,
+    ) -> None:  # fmt: skip
+        node = state.nodes.get(vm.node)
+        if node is None:
+            return
+        self.in_flight.add(vm.name)
+        task = asyncio.create_task(
+            self._restart(store, cluster, vm, node.url, decided_at, decide_ms),
+            name=f"failover-{vm.name}",
+        )
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(
+        self, store: ClusterVMStore, cluster: str, vm: ClusteredVM, url: str,
+        decided_at: float, decide_ms: float,
+    ) -> None:  # fmt: skip
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._settings().cluster.failover_concurrency)
+        try:
+            async with self._sem:
+                t0 = time.time()
+                try:
+                    steps = await self._import_and_start(vm, url)
+                except FerryError as exc:
+                    self.retry_at[vm.name] = time.monotonic() + RETRY_S
+                    ev = ClusterEvent(
+                        kind="restart-failed", vm=vm.name, node=vm.node, by=self.member.node,
+                        reason=f"{exc.message} (retried in {RETRY_S:.0f} s)",
+                    )  # fmt: skip
+                    await asyncio.to_thread(store.add_event, cluster, ev)
+                    log.error("failover: restart of %s on %s failed: %s", vm.name, vm.node, exc)
+                    return
+                started = time.time()
+                got = await asyncio.to_thread(store.vm_record, cluster, vm.name)
+                if got is not None and got[0].node == vm.node and got[0].restart_pending:
+                    done = got[0].model_copy(update={"restart_pending": False})
+                    await asyncio.to_thread(store.update_vm, cluster, done, got[1])
+                self.retry_at.pop(vm.name, None)
+                timings = {
+                    "decided_at": decided_at, "started_at": started,
+                    "decision_ms": round(decide_ms, 3), "restart_s": round(started - t0, 3),
+                    "decided_to_started_s": round(started - decided_at, 3),
+                    **steps,
+                }  # fmt: skip
+                ev = ClusterEvent(kind="restarted", vm=vm.name, node=vm.node,
+                                  by=self.member.node, timings=timings,
+                                  reason=f"imported from {vm.storage_dir} and started")  # fmt: skip
+                await asyncio.to_thread(store.add_event, cluster, ev)
+                log.warning("failover: %s runs on %s", vm.name, vm.node)
+        except EtcdUnavailable as exc:
+            log.error("failover of %s: etcd unavailable: %s", vm.name, exc)
+            self.retry_at[vm.name] = time.monotonic() + RETRY_S
+        finally:
+            self.in_flight.discard(vm.name)
+
+    async def _import_and_start(self, vm: ClusteredVM, url: str) -> dict[str, float]:
+        """Import the VM on the node at ``url`` (unless it has it) and start it (unless it runs);
+        the seconds each step took."""
+        steps: dict[str, float] = {}
+        t0 = time.monotonic()
+        have = await self.calls.vm(url, vm.name)
+        if have is not None and vm.uuid and have.get("uuid") != vm.uuid:
+            raise FerryError(
+                f"node {vm.node} has another VM named {vm.name!r}",
+                fix="rename or delete that VM there",
+            )
+        if have is None:
+            assert vm.storage_dir is not None  # plan() leaves out VMs without one
+            have = await self.calls.import_vm(url, vm.storage_dir)
+        t1 = time.monotonic()
+        steps["import_s"] = round(t1 - t0, 3)
+        if have.get("state") not in ("running", "starting"):
+            await self.calls.start_vm(url, vm.name)
+        steps["start_s"] = round(time.monotonic() - t1, 3)
+        return steps
+
+    def status(self) -> dict[str, Any]:
+        """This agent's controller view (for ``/v1/cluster/member``)."""
+        return {
+            "active": self._is_leader(),
+            "in_flight": sorted(self.in_flight),
+            "last_pass": self.last_pass,
+            "error": self.last_error,
+        }
+
+
+def _differs(a: ControllerReport, b: ControllerReport) -> bool:
+    keep = {"dead_nodes", "unplaced", "skipped", "in_flight", "leader"}
+    return a.model_dump(include=keep) != b.model_dump(include=keep)

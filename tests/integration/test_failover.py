@@ -1,0 +1,243 @@
+"""Clustered VMs and automatic failover in the lab: real etcd (3 TLS members), real agents,
+real QEMU guests on the lab's shared volume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LabHandle, needs_lab, wait_for
+
+from vmferry.client import FerryError, NotFoundError, RefusedError
+from vmferry.cluster.etcd import Etcd
+from vmferry.cluster.store import ClusterVMStore, Keys
+from vmferry.procinfo import pid_state
+
+pytestmark = needs_lab
+
+
+def ferry(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmferry.cli.main", *args],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    return pid_state(pid) not in (None, "Z", "X")
+
+
+def _qemus_of(uuid: str) -> list[int]:
+    """Every QEMU process on this machine (any lab host) running the VM with ``uuid``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and uuid.encode() in argv and _alive(int(p.name)):
+            found.append(int(p.name))
+    return found
+
+
+def _all_alive(lab: LabHandle, name: str, via: str = "h1") -> dict[str, Any] | None:
+    with lab.client(via) as c:
+        st = c.cluster_status(name)
+    return st if st["leader"] and all(n["lease"] == "alive" for n in st["nodes"]) else None
+
+
+@contextlib.contextmanager
+def ha_cluster(lab: LabHandle, name: str) -> Iterator[Etcd]:
+    """Cluster ``name`` of h1 and h2 with the lab's shared directory as its shared volume."""
+    urls = {h: lab.lab.endpoint(h).url for h in ("h1", "h2")}
+    etcd = lab.lab.etcd_client()
+    with lab.client("h1") as c:
+        c.cluster_create(name, urls)
+    try:
+        wait_for(lambda: _all_alive(lab, name), 20, f"cluster {name} up")
+        with lab.client("h1") as c:
+            c.cluster_volume_add(str(lab.lab.shared_dir))
+        yield etcd
+    finally:
+        store = ClusterVMStore(etcd)
+        with contextlib.suppress(FerryError):
+            for vm in store.clustered_vms(name):
+                store.remove_clustered_vm(name, vm.name)
+            store.destroy(name)
+        etcd.close()
+
+
+def _shared_vm(lab: LabHandle, host: str, name: str) -> tuple[str, dict[str, Any]]:
+    """A started probe VM on ``host`` with its folder and disk on the shared volume."""
+    ip = lab.guest_ip()
+    spec: dict[str, Any] = {
+        "name": name, "memory_mib": 256, "disks": [{"size_mib": 16}],
+        "nics": [{"switch": "external"}], "storage_dir": str(lab.lab.shared_dir / name),
+        "probe": {"ip": f"{ip}/24", "roles": ["heartbeat", "udpecho"]},
+    }  # fmt: skip
+    with lab.client(host) as c:
+        c.create_vm(spec)
+        vm = c.action(name, "start")
+    lab.wait_guest(ip)
+    return ip, vm
+
+
+def _forget_everywhere(lab: LabHandle, name: str, last: str) -> None:
+    """Delete the VM from the other host first (its files are shared), then from ``last``."""
+    for host in [h for h in ("h1", "h2") if h != last] + [last]:
+        with contextlib.suppress(FerryError):
+            lab.remove_vm(host, name)
+
+
+def test_clustered_vm_add_set_list_remove_without_downtime(lab: LabHandle) -> None:
+    ip, vm = _shared_vm(lab, "h2", "ha-add")
+    with lab.client("h2") as c:
+        c.create_vm({"name": "ha-local", "memory_mib": 64, "nics": [{"switch": "external"}]})
+    try:
+        with ha_cluster(lab, "hvm") as etcd:
+            before = lab.stat(ip)
+            # a VM whose files are not on a shared volume is refused, naming the volumes
+            with lab.client("h2") as c, pytest.raises(RefusedError) as e:
+                c.cluster_vm_add("ha-local")
+            assert e.value.field == "name" and str(lab.lab.shared_dir) in e.value.message
+            assert e.value.fix and "move-storage" in e.value.fix
+            # the VM lives on h2: h1 does not have it and says where to ask
+            with lab.client("h1") as c, pytest.raises(NotFoundError) as nf:
+                c.cluster_vm_add("ha-add")
+            assert "--host" in (nf.value.fix or "")
+            # unknown owners are refused with the members listed; nothing is recorded
+            bad = ferry("--host", "h2", "cluster", "vm", "add", "ha-add", "--preferred", "h9")
+            assert bad.returncode == 1 and "h9" in bad.stderr and "h1, h2" in bad.stderr
+            assert ClusterVMStore(etcd).clustered_vms("hvm") == []
+
+            r = ferry("--host", "h2", "cluster", "vm", "add", "ha-add", "--priority", "high",
+                      "--preferred", "h1", "--anti-affinity", "web", "-o", "json")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            row = json.loads(r.stdout)
+            assert row["node"] == "h2" and row["priority"] == "high"
+            assert row["preferred"] == ["h1"] and row["anti_affinity"] == "web"
+            assert row["storage_dir"] == str(lab.lab.shared_dir / "ha-add")
+            again = ferry("--host", "h1", "cluster", "vm", "add", "ha-add")
+            assert again.returncode == 1
+            r = ferry("--host", "h1", "cluster", "vm", "set", "ha-add", "--priority", "low",
+                      "--possible", "h1,h2", "-o", "json")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            r = ferry("--host", "h1", "cluster", "vm", "list", "--output", "json")
+            assert r.returncode == 0, r.stderr
+            [listed] = json.loads(r.stdout)
+            assert listed["priority"] == "low" and listed["possible"] == ["h1", "h2"]
+            assert listed["preferred"] == ["h1"] and listed["owner_lease"] == "alive"
+            # the owner node fences it from now on, and keeps it running meanwhile
+            with lab.client("h2") as c:
+                wait_for(lambda: c.cluster_member()["clustered_vms"] == ["ha-add"], 10, "h2")
+                assert c.vm("ha-add")["pid"] == vm["pid"]
+            after = lab.stat(ip)
+            assert after["hb"] > before["hb"]  # same guest, still counting: no restart
+            r = ferry("--host", "h1", "cluster", "vm", "remove", "ha-add")
+            assert r.returncode == 0, r.stderr
+            with lab.client("h1") as c:
+                assert c.cluster_vms() == []
+                kinds = [(e["kind"], e["vm"]) for e in c.cluster_events()]
+            assert kinds == [("added", "ha-add"), ("changed", "ha-add"), ("removed", "ha-add")]
+            with lab.client("h2") as c:
+                wait_for(lambda: c.cluster_member()["clustered_vms"] == [], 10, "h2 to let go")
+                assert c.vm("ha-add")["state"] == "running"
+    finally:
+        _forget_everywhere(lab, "ha-local", "h2")
+        _forget_everywhere(lab, "ha-add", "h2")
+
+
+@pytest.mark.slow
+def test_a_dead_nodes_clustered_vm_runs_again_on_the_other_node_once(lab: LabHandle) -> None:
+    ip, vm = _shared_vm(lab, "h2", "ha-fo")
+    uuid = vm["uuid"]
+    try:
+        with ha_cluster(lab, "hfo") as etcd:
+            with lab.client("h2") as c:
+                c.cluster_vm_add("ha-fo", priority="high")
+                wait_for(lambda: c.cluster_member()["clustered_vms"] == ["ha-fo"], 10, "h2")
+            assert _qemus_of(uuid) == [vm["pid"]]
+            alive_key = Keys("hfo").alive("h2")
+            # h2 dies: its agent and its VM's QEMU are killed
+            lab.lab.kill_agent("h2")
+            os.kill(int(vm["pid"]), signal.SIGKILL)
+            t_kill = time.monotonic()
+            t_expired = t_registered = t_running = None
+            wall_expired = 0.0
+            while time.monotonic() - t_kill < 60 and t_running is None:
+                now = time.monotonic()
+                if t_expired is None and etcd.get(alive_key) is None:
+                    t_expired, wall_expired = now, time.time()
+                if t_running is None:
+                    with lab.client("h1") as c, contextlib.suppress(NotFoundError):
+                        state = c.vm("ha-fo")["state"]
+                        t_registered = t_registered or now
+                        if state == "running":
+                            t_running = now
+                time.sleep(0.1)
+            assert t_expired is not None, "h2's lease did not expire"
+            assert t_running is not None, "the VM was not restarted on h1"
+            assert t_registered is not None and t_registered > t_expired  # never before expiry
+            lab.wait_guest(ip, 60)
+            t_answer = time.monotonic()
+            # exactly one instance: one QEMU on the whole machine, on h1
+            with lab.client("h1") as c:
+                pid_h1 = int(c.vm("ha-fo")["pid"])
+                evs = c.cluster_events()
+                st = c.cluster_status("hfo")
+            assert _qemus_of(uuid) == [pid_h1]
+            fo = next(e for e in evs if e["kind"] == "failover" and e["vm"] == "ha-fo")
+            assert fo["from_node"] == "h2" and fo["node"] == "h1" and fo["by"] == "h1"
+            assert "h2 lost its lease" in fo["reason"] and "priority high" in fo["reason"]
+            rs = next(e for e in evs if e["kind"] == "restarted" and e["vm"] == "ha-fo")
+            assert rs["node"] == "h1"
+            rec = ClusterVMStore(etcd).vm_record("hfo", "ha-fo")
+            assert rec is not None and rec[0].node == "h1" and not rec[0].restart_pending
+            assert st["controller"]["dead_nodes"] == ["h2"] and st["controller"]["unplaced"] == {}
+            tm = {**fo["timings"], **rs["timings"]}
+            window = tm["noticed_at"] - tm.get("last_seen_alive_at", tm["noticed_at"])
+            seen = f" (within {window:.2f} s of its last read with h2 alive)" if window else ""
+            print(
+                f"\nfailover of ha-fo: lease expired {t_expired - t_kill:.2f} s after the kill; "
+                f"leader {fo['by']} noticed it{seen}; decision {tm['decision_ms']:.1f} ms; "
+                f"import {tm['import_s']:.2f} s + start {tm['start_s']:.2f} s = "
+                f"{tm['restart_s']:.2f} s; running on h1 {t_running - t_kill:.2f} s and answering "
+                f"{t_answer - t_kill:.2f} s after the kill"
+            )  # fmt: skip
+            print(f"failover timings: {tm}")
+            # Decided within a controller tick of the lease expiring (+ one tick to elect a new
+            # leader when the dead node led); what follows is the agent's import and QEMU start
+            # (+ the guest's boot), which the 5 s target of issue 5 allows around it.
+            assert tm["decided_at"] - wall_expired < 2.5, tm["decided_at"] - wall_expired
+            assert tm["import_s"] < 5.0, tm
+            print(f"lease expiry -> decision {tm['decided_at'] - wall_expired:.2f} s")
+
+            # h2 comes back: it fences what it had (already dead), does not start it again and
+            # lets it go (unregistered there, the shared files kept: h1 runs from them)
+            lab.lab.start_agent("h2")
+            wait_for(lambda: _all_alive(lab, "hfo"), 30, "h2 back in the cluster")
+            time.sleep(3)  # a few lease ticks of h2 and controller passes
+            with lab.client("h2") as c:
+                assert c.cluster_member()["clustered_vms"] == []
+                assert "ha-fo" not in [v["name"] for v in c.vms()]
+            assert (lab.lab.shared_dir / "ha-fo" / "vm.json").exists()
+            assert _qemus_of(uuid) == [pid_h1]
+            with lab.client("h1") as c:
+                assert c.vm("ha-fo")["state"] == "running"
+                assert [e for e in c.cluster_events() if e["kind"] == "failover"] == [fo]
+            lab.stat(ip)
+    finally:
+        if lab.lab.agent_pid("h2") is None:
+            lab.lab.start_agent("h2")
+        _forget_everywhere(lab, "ha-fo", "h1")
