@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import needs_lab, wait_for
 from pyroute2 import IPRoute, netns
 
@@ -67,8 +68,9 @@ def test_down_after_killed_up(tmp_path: Path) -> None:
     _assert_gone(entries, [])
 
 
-def test_down_after_agent_crash_kills_vms(tmp_path: Path) -> None:
-    os.environ["FERRY_CONFIG"] = str(tmp_path / "client.json")
+def test_down_after_agent_crash_kills_vms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scoped to this test: the session lab's tests read FERRY_CONFIG too.
+    monkeypatch.setenv("FERRY_CONFIG", str(tmp_path / "client.json"))
     lab = Lab(tmp_path / "lab")
     lab.up(1)
     try:
