@@ -8,6 +8,8 @@ starts the agents and writes the client configuration so ``ferry --host h1 ...``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,19 @@ log = logging.getLogger("vmferry.lab")
 AGENT_PORT = 7443
 EXTERNAL_SWITCH = "external"
 HOST_BRIDGE = "br-ext"
+
+
+@contextlib.contextmanager
+def _network_lock() -> Iterator[None]:
+    """Serialise the choice of a lab's subnet block between labs on this machine."""
+    path = Path("/run/vmferry/lab-network.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_lab_dir() -> Path:
@@ -179,8 +195,11 @@ class Lab:
         records.add("dir", path=str(self.dir / "pki"))
         tag = secrets.token_hex(2)
         try:
-            index = net.choose_index(set())
-            topo = net.build(self.dir, records, n_hosts, link_rate, index, tag)
+            # Labs brought up at the same moment would pick the same free block: choose and
+            # claim it (the root namespace's lab address) under one machine-wide lock.
+            with _network_lock():
+                index = net.choose_index(set())
+                topo = net.build(self.dir, records, n_hosts, link_rate, index, tag)
         except net.LabNetError as exc:
             raise HostError(f"lab network: {exc}") from exc
         ca = CertificateAuthority.create(self.dir / "pki", f"vmferry lab {tag} CA")
