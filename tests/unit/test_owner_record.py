@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import shutil
 import subprocess
 import time
@@ -105,14 +107,24 @@ def test_image_lock_detected(tmp_path: Path) -> None:
 
 
 def _hold(disk: Path) -> subprocess.Popen[bytes]:
-    """qemu-io with the image open read-write (it waits on stdin), as a running QEMU holds it."""
+    """qemu-io with the image open read-write (it waits on stdin), as a running QEMU holds it.
+
+    It is asked to read a sector and its answer awaited, so the image is surely open; probing
+    the lock before that would itself hold the lock qemu-io needs to open the image.
+    """
     p = subprocess.Popen(["qemu-io", "-f", "qcow2", str(disk)], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(b"read 0 512\n")
+    p.stdin.flush()
     deadline = time.monotonic() + 30
-    while image_lock_holder(disk) is None:
-        assert p.poll() is None, f"qemu-io exited with {p.returncode}"
-        assert time.monotonic() < deadline, "qemu-io did not open the image within 30 s"
-        time.sleep(0.05)
+    out = b""
+    while b"512/512 bytes" not in out:
+        assert p.poll() is None, f"qemu-io exited with {p.returncode}: {out!r}"
+        assert time.monotonic() < deadline, f"qemu-io did not open the image: {out!r}"
+        ready, _, _ = select.select([p.stdout], [], [], 0.5)
+        if ready:
+            out += os.read(p.stdout.fileno(), 4096)
     return p
 
 
