@@ -12,7 +12,8 @@ Timing (``cluster.lease_ttl_s`` = TTL, 6 s by default):
 * the leader key is attached to the leader's lease: a dead leader's key goes with its lease
   and another node takes it on its next tick (leader moves within TTL + TICK).
 
-The list of clustered VMs a node owns is read from etcd on every tick and kept on disk
+The list of clustered VMs a node owns is kept up to date from etcd (every tick asks what changed
+since its last look and applies that; it reads every record only when it must) and kept on disk
 (``<state>/cluster-member.json``), because fencing happens exactly when etcd cannot be read.
 A node that fenced itself does not start those VMs again when it reconnects. While it owns
 running clustered VMs, the fence guard (:mod:`vmferry.cluster.guard`) enforces the same
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,14 @@ from typing import Any
 from vmferry import __version__
 from vmferry.cluster import guard
 from vmferry.cluster.etcd import Etcd, EtcdUnavailable
-from vmferry.cluster.store import AliveRecord, ClusterStore, FenceRecord
+from vmferry.cluster.store import (
+    AliveRecord,
+    ClusteredVM,
+    ClusterStore,
+    FenceRecord,
+    Keys,
+    holds,
+)
 from vmferry.errors import RefusedError
 from vmferry.host.settings import HostSettings
 from vmferry.host.vms import VMManager, VMState
@@ -46,6 +55,9 @@ REQUEST_S = 1.0
 RENEW_BUDGET_S = 1.5
 WATCHDOG_S = 0.2
 STATE_FILE = "cluster-member.json"
+#: A node re-reads its clustered VMs at least every REFRESH_TICKS..2*REFRESH_TICKS ticks even
+#: when etcd reports no change (a safety net; changes are seen on the next tick).
+REFRESH_TICKS = 60
 
 
 def etcd_for(settings: HostSettings, timeout: float = REQUEST_S) -> Etcd:
@@ -58,6 +70,32 @@ def etcd_for(settings: HostSettings, timeout: float = REQUEST_S) -> Etcd:
             fix="set cluster.etcd (endpoints, ca, cert, key) in the host's settings.json",
         )
     return Etcd(cfg.endpoints, cfg.ca, cfg.cert, cfg.key, timeout=timeout)
+
+
+class EtcdCache:
+    """One etcd client for the host's current ``cluster.etcd`` setting (a new one when the
+    setting changes), for the agent's long-running loops."""
+
+    def __init__(self, settings: Callable[[], HostSettings], timeout: float = 2.0) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._etcd: Etcd | None = None
+        self._key: str | None = None
+
+    def get(self) -> Etcd:
+        """The client (RefusedError when the host has no etcd configured)."""
+        key = self._settings().cluster.etcd.model_dump_json()
+        if self._etcd is None or key != self._key:
+            self.close()
+            self._etcd = etcd_for(self._settings(), timeout=self._timeout)
+            self._key = key
+        return self._etcd
+
+    def close(self) -> None:
+        """Close the client, if any."""
+        if self._etcd is not None:
+            self._etcd.close()
+            self._etcd = None
 
 
 class ClusterMember:
@@ -82,6 +120,8 @@ class ClusterMember:
         self.last_error: str | None = None
         self._etcd: Etcd | None = None
         self._etcd_key: Any = None
+        self._vms_rev = 0  # store revision the clustered list is current at (0: read it)
+        self._ticks_since_read = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._load()
 
@@ -182,6 +222,7 @@ class ClusterMember:
                     await asyncio.to_thread(etcd.revoke, self.lease)
                 self.lease = 0
             self.cluster = cluster
+            self._vms_rev = 0
             self.fenced_at, self.fenced_vms = None, []
             self._persist()
         if cluster is None:
@@ -206,9 +247,8 @@ class ClusterMember:
         if new_leader != self.leader:
             log.info("cluster %s: leader is %s", cluster, new_leader)
         self.leader = new_leader
-        mine = await asyncio.to_thread(store.clustered_vms, cluster, self.node)
-        names = sorted(v.name for v in mine)
-        if names != self.clustered:
+        names = await self._read_clustered(store, cluster)
+        if names is not None and names != self.clustered:
             # failed over while this node had no lease: the new owner has it (cluster/controller.py)
             for gone in sorted(set(self.clustered) - set(names)):
                 await asyncio.to_thread(self.vms.forget_taken_over, gone)
@@ -218,6 +258,35 @@ class ClusterMember:
             await asyncio.to_thread(store.record_fence, cluster, self.fence_pending)
             self.fence_pending = None
         await asyncio.to_thread(self._feed_guard)
+
+    async def _read_clustered(self, store: ClusterStore, cluster: str) -> list[str] | None:
+        """The clustered VMs this node holds (what ``store.clustered_vms`` returns for it), or
+        None when no VM record changed since the last look.
+
+        Each tick asks etcd only what changed (:meth:`ClusterStore.vm_records_since`: usually
+        nothing, one count-only request) and applies the changed records to the list it has
+        (:func:`holds`, the rule ``clustered_vms`` uses). It reads every record again when etcd
+        cannot tell (first tick, a held VM deleted) and at least every ``REFRESH_TICKS``..2x
+        ticks (spread per node) as a safety net.
+        """
+        changed, rev = await asyncio.to_thread(
+            store.vm_records_since, cluster, self._vms_rev, self.clustered
+        )
+        self._ticks_since_read += 1
+        due = REFRESH_TICKS + zlib.crc32(self.node.encode()) % REFRESH_TICKS
+        if changed is not None and self._ticks_since_read < due:
+            self._vms_rev = rev
+            if not changed:
+                return None
+            prefix = Keys(cluster).vm("")
+            recs = {kv.key[len(prefix) :]: ClusteredVM.model_validate_json(kv.value)
+                    for kv in changed}  # fmt: skip
+            mine = {n for n, v in recs.items() if holds(v, self.node)}
+            return sorted((set(self.clustered) - recs.keys()) | mine)
+        vms = await asyncio.to_thread(store.clustered_vms, cluster, self.node)
+        # ``rev`` was taken before this read: a change in between shows up on the next tick
+        self._vms_rev, self._ticks_since_read = rev, 0
+        return sorted(v.name for v in vms)
 
     def _feed_guard(self) -> None:
         """Give the fence guard (cluster/guard.py) the new deadline and the QEMUs to stop."""

@@ -20,18 +20,20 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field
 
-from vmferry.cluster.etcd import KV, Etcd, Txn, _b64, _kv
+from vmferry.cluster.etcd import KV, Etcd, Txn, _b64, _kv, prefix_end
 from vmferry.cluster.placement import Priority
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
 
 ROOT = "/vmferry"
 CLUSTER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: etcd refuses a transaction of more than 128 compares (--max-txn-ops).
+MAX_HELD_CHECK = 120
 
 
 class ClusterInfo(BaseModel):
@@ -42,12 +44,37 @@ class ClusterInfo(BaseModel):
     created_by: str | None = None
 
 
+class DrainRecord(BaseModel):
+    """A drain of a node (``ferry cluster drain``) or a failback to it (``resume --failback``).
+
+    The leader's controller works through it (cluster/planned.py); ``status`` is ``running``
+    until every VM it covers has moved or failed, then ``done`` or ``failed``.
+    """
+
+    kind: Literal["drain", "failback"] = "drain"
+    status: Literal["running", "done", "failed"] = "running"
+    started_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+    by: str | None = None
+    #: VMs the drain has started a move for (a new leader does not start them twice).
+    attempted: list[str] = Field(default_factory=list)
+    #: VM → the node it moved to (a failback moves these back).
+    moved: dict[str, str] = Field(default_factory=dict)
+    #: VM → why it could not move live (it keeps running where it was).
+    failed: dict[str, str] = Field(default_factory=dict)
+    #: For a failback: the VMs to bring back (the drain's ``moved``).
+    bring_back: list[str] = Field(default_factory=list)
+
+
 class NodeRecord(BaseModel):
     """A member node and the URL of its agent."""
 
     name: str
     url: str
     joined_at: float = Field(default_factory=time.time)
+    #: Paused nodes (``ferry cluster drain``) receive no VMs: not by failover, not by a move.
+    paused: bool = False
+    drain: DrainRecord | None = None
 
 
 class AliveRecord(BaseModel):
@@ -93,6 +120,17 @@ class ClusteredVM(BaseModel):
     anti_affinity: str | None = None
     #: Set when the controller gave the VM to ``node`` and has not yet seen it start there.
     restart_pending: bool = False
+    #: A planned move (``ferry cluster move``, drain) to this node is in progress: until the
+    #: owner records its outcome, both nodes may hold the VM, both fence it, and failover
+    #: asks this node first (cluster/planned.py).
+    moving_to: str | None = None
+    move_job: str | None = None
+
+
+def holds(vm: ClusteredVM, node: str) -> bool:
+    """Whether ``node`` holds ``vm``: it owns it, or a planned move to it is in progress (what
+    :meth:`ClusterStore.clustered_vms` selects for a node; the member applies it to changes)."""
+    return node in (vm.node, vm.moving_to)
 
 
 class FenceRecord(BaseModel):
@@ -377,12 +415,13 @@ class ClusterStore:
         return self.etcd.delete(Keys(check_cluster_name(cluster)).vm(name)) > 0
 
     def clustered_vms(self, cluster: str, node: str | None = None) -> list[ClusteredVM]:
-        """Clustered VMs, optionally only those ``node`` owns."""
+        """Clustered VMs, optionally only those ``node`` holds: it owns them, or a planned
+        move to it is in progress (it fences those too)."""
         keys = Keys(check_cluster_name(cluster))
         vms = [
             ClusteredVM.model_validate_json(kv.value) for kv in self.etcd.get_prefix(keys.vm(""))
         ]
-        return [v for v in vms if node is None or v.node == node]
+        return [v for v in vms if node is None or holds(v, node)]
 
     # -- membership (the node agents; cluster/member.py) -------------------------------------
     def announce(self, cluster: str, rec: AliveRecord) -> bool:
@@ -421,6 +460,42 @@ class ClusterStore:
     def record_fence(self, cluster: str, rec: FenceRecord) -> None:
         """Keep the node's last self-fencing for ``cluster status``."""
         self.etcd.put(Keys(cluster).fenced(rec.node), rec.model_dump_json())
+
+    def vm_records_since(
+        self, cluster: str, revision: int, held: list[str]
+    ) -> tuple[list[KV] | None, int]:
+        """The clustered-VM records written since a read made at store ``revision`` that found
+        the VMs ``held`` (by name), and the store revision they are current at (to pass next
+        time). ``[]`` when none was; None when this cannot tell cheaply (never read:
+        ``revision`` 0; a VM of ``held`` was deleted; too many held to check in one
+        transaction): then read them all.
+
+        Cheap for etcd, so a node can ask every tick instead of reading every record: a
+        count-only range (etcd's key index, no values, no transfer) shows whether the store
+        revision moved at all; only then one transaction checks that every held VM's record
+        still exists and returns the records with a newer mod revision (etcd filters them).
+        """
+        prefix = Keys(check_cluster_name(cluster)).vm("")
+        end = _b64(prefix_end(prefix))
+        data = self.etcd._post("/kv/range", {"key": _b64(prefix), "range_end": end,
+                                             "count_only": True})  # fmt: skip
+        now = int(data.get("header", {}).get("revision", 0))
+        if revision <= 0 or len(held) > MAX_HELD_CHECK:
+            return None, now  # a read made after this request is current at ``now`` at least
+        if now == revision:  # nothing at all was written to etcd since
+            return [], now
+        txn = Txn()
+        for name in held:
+            txn.present(prefix + name)
+        txn.success.append({"request_range": {
+            "key": _b64(prefix), "range_end": end, "min_mod_revision": str(revision + 1),
+        }})  # fmt: skip
+        res = self.etcd._post("/kv/txn", txn.body())
+        if not res.get("succeeded"):
+            return None, now
+        at = int(res.get("header", {}).get("revision", 0))
+        rng = (res.get("responses") or [{}])[0].get("response_range") or {}
+        return [_kv(i) for i in rng.get("kvs") or []], at
 
 
 # -- clustered VMs, failover events, controller report (cluster/vms.py, cluster/controller.py) --
@@ -523,6 +598,72 @@ class ClusterVMStore(ClusterStore):
         ok, _ = self.etcd.txn(txn)
         return ok
 
+    # -- planned moves and drains (cluster/planned.py) -----------------------------------------
+    def node_record(self, cluster: str, node: str) -> tuple[NodeRecord, int] | None:
+        """A member's record and its mod revision, or None."""
+        kv = self.etcd.get(Keys(check_cluster_name(cluster)).node(node))
+        return (NodeRecord.model_validate_json(kv.value), kv.mod_revision) if kv else None
+
+    def update_node(self, cluster: str, rec: NodeRecord, mod_revision: int) -> bool:
+        """Write a member's record if it is still at ``mod_revision``; False if it changed."""
+        keys = Keys(check_cluster_name(cluster))
+        txn = Txn().mod_is(keys.node(rec.name), mod_revision)
+        txn.success.append(Txn.put(keys.node(rec.name), rec.model_dump_json()))
+        ok, _ = self.etcd.txn(txn)
+        return ok
+
+    def begin_move(self, cluster: str, name: str, owner: str, to: str) -> ClusteredVM:
+        """Mark the planned move of ``name`` from ``owner`` to ``to`` (one transaction that
+        holds only while ``owner`` owns it, no other move is marked and ``to`` is an unpaused
+        member); the marked record. Refused (nothing changed) otherwise."""
+        keys = Keys(check_cluster_name(cluster))
+        got = self.vm_record(cluster, name)
+        if got is None:
+            raise NotFoundError(f"VM {name!r} is not clustered in {cluster!r}", field="vm")
+        vm, rev = got
+        if vm.node != owner:
+            raise ConflictError(f"VM {name!r} is owned by {vm.node}, not {owner}", field="vm",
+                                fix=f"ask again: ferry cluster move {name} …")  # fmt: skip
+        if vm.moving_to is not None:
+            raise ConflictError(
+                f"VM {name!r} is already moving to {vm.moving_to} (migration {vm.move_job})",
+                field="vm", fix="wait for that move to end",
+            )  # fmt: skip
+        target = self.node_record(cluster, to)
+        if target is None:
+            raise NotFoundError(f"{to!r} is not a node of cluster {cluster!r}", field="to")
+        if target[0].paused:
+            raise ConflictError(f"node {to} is paused and takes no VMs", field="to",
+                                fix=f"pick another node, or ferry cluster resume {to}")  # fmt: skip
+        new = vm.model_copy(update={"moving_to": to, "move_job": None})
+        txn = Txn().mod_is(keys.vm(name), rev).mod_is(keys.node(to), target[1])
+        txn.success.append(Txn.put(keys.vm(name), new.model_dump_json()))
+        ok, _ = self.etcd.txn(txn)
+        if not ok:
+            raise ConflictError(f"VM {name!r} or node {to} changed meanwhile; try again")
+        return new
+
+    def set_move_job(self, cluster: str, name: str, to: str, job: str) -> bool:
+        """Record the migration job of the planned move to ``to`` (for status and a new leader)."""
+        got = self.vm_record(cluster, name)
+        if got is None or got[0].moving_to != to:
+            return False
+        return self.update_vm(cluster, got[0].model_copy(update={"move_job": job}), got[1])
+
+    def end_move(self, cluster: str, name: str, owner: str, to: str, completed: bool) -> bool:
+        """Record a planned move's outcome: ``to`` owns the VM (completed) or ``owner`` keeps
+        it. Only while the record still shows that move; False when it does not."""
+        got = self.vm_record(cluster, name)
+        if got is None:
+            return False
+        vm, rev = got
+        if vm.node != owner or vm.moving_to != to:
+            return False
+        upd: dict[str, Any] = {"moving_to": None, "move_job": None}
+        if completed:
+            upd |= {"node": to, "restart_pending": False}
+        return self.update_vm(cluster, vm.model_copy(update=upd), rev)
+
     def add_event(self, cluster: str, ev: ClusterEvent) -> None:
         """Append an event."""
         keys = Keys(check_cluster_name(cluster))
@@ -531,10 +672,16 @@ class ClusterVMStore(ClusterStore):
         self.etcd.txn(txn)
 
     def events(self, cluster: str, limit: int = 50) -> list[ClusterEvent]:
-        """The last ``limit`` events, oldest first."""
-        keys = Keys(check_cluster_name(cluster))
-        kvs = self.etcd.get_prefix(keys.prefix + "events/")
-        return [ClusterEvent.model_validate_json(kv.value) for kv in kvs[-limit:]]
+        """The last ``limit`` events, oldest first (etcd sends only those: keys sort by time)."""
+        if limit <= 0:
+            return []
+        prefix = Keys(check_cluster_name(cluster)).prefix + "events/"
+        data = self.etcd._post("/kv/range", {
+            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "limit": str(limit),
+            "sort_order": "DESCEND", "sort_target": "KEY",
+        })  # fmt: skip
+        kvs = [_kv(i) for i in data.get("kvs") or []]
+        return [ClusterEvent.model_validate_json(kv.value) for kv in reversed(kvs)]
 
     def prune_events(self, cluster: str, keep: int = MAX_EVENTS) -> int:
         """Delete all but the newest ``keep`` events; how many were deleted."""
