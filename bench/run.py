@@ -146,15 +146,43 @@ def run_cluster_place(runs: int, command: str) -> None:
     cluster_place.report(cluster_place.run(max(1, min(runs, 50))), command)
 
 
+def run_failover(runs: int, ttls: str | None, command: str) -> None:
+    """Failover of a killed node's clustered VMs on a 3-host lab (see :mod:`bench.failover`)."""
+    from bench import failover
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    rows = failover.run_all(base / "lab", max(1, min(runs, 10)), failover.parse_ttls(ttls))
+    failover.report(rows, command, failover.DEFAULT_VMS)
+
+
+def run_drain(runs: int, command: str) -> None:
+    """Drain of a node running 6 clustered VMs on a 3-host lab (see :mod:`bench.drain`)."""
+    from bench import drain
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    drain.report(drain.run_all(base / "lab", max(1, min(runs, 10))), command)
+
+
+def run_cluster_scale(command: str) -> None:
+    """64 nodes, 4,000 VMs on a real etcd with a SIMULATED hypervisor driver (no QEMU)."""
+    from bench import cluster_scale
+
+    cluster_scale.report(cluster_scale.run(), command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every benchmark (or only one with ``--only``)."""
     from bench.migrate import BUDGET_S, SCENARIOS
 
     ap = argparse.ArgumentParser(prog="bench.run")
-    ap.add_argument("--only", choices=("boot", "migrate", "storage", "quick", "cluster-place"),
+    ap.add_argument("--only", choices=("boot", "migrate", "storage", "quick", "cluster-place",
+                                       "failover", "drain", "cluster-scale"),
                     help="run only this benchmark")  # fmt: skip
     ap.add_argument("--runs", type=int,
                     help="repeats (default: 5 for boot, 3 for quick, else 1)")  # fmt: skip
+    ap.add_argument("--lease-ttl", help="failover: comma-separated lease TTLs (s), e.g. 6,4")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="migrate: seconds per move")
     ap.add_argument("--scenarios", help="migrate: comma-separated subset of "
                     + ",".join(sc.key for sc in SCENARIOS))  # fmt: skip
@@ -174,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         run_quick(args.runs or 3, command)
     if args.only in (None, "cluster-place"):
         run_cluster_place(args.runs or 5, command)
+    if args.only in (None, "failover"):
+        run_failover(args.runs or 3, args.lease_ttl, command)
+    if args.only in (None, "drain"):
+        run_drain(args.runs or 1, command)
+    if args.only in (None, "cluster-scale"):
+        run_cluster_scale(command)
 
 
 if __name__ == "__main__":

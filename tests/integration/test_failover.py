@@ -241,3 +241,101 @@ def test_a_dead_nodes_clustered_vm_runs_again_on_the_other_node_once(lab: LabHan
         if lab.lab.agent_pid("h2") is None:
             lab.lab.start_agent("h2")
         _forget_everywhere(lab, "ha-fo", "h1")
+
+
+def _hosts_of(lab: LabHandle, pids: list[int]) -> set[str]:
+    """The lab hosts (network namespaces) the processes ``pids`` run in.
+
+    A QEMU started with ``-daemonize`` is briefly two processes (the launcher waits for its
+    daemon), so "one instance" means QEMUs of the VM on one host only.
+    """
+    by_ino = {os.stat(f"/run/netns/{h.netns}").st_ino: h.name for h in lab.topo.hosts}
+    hosts = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            hosts.add(by_ino.get(os.stat(f"/proc/{pid}/ns/net").st_ino, f"pid {pid}: not a host"))
+    return hosts
+
+
+@pytest.mark.slow
+def test_isolated_node_fences_and_its_vm_runs_once_elsewhere(lab: LabHandle) -> None:
+    """h2 loses its management link (etcd and h1 unreachable, its agent still runs): it stops
+    its clustered VM before its lease expires, the VM runs on h1 (never two QEMUs at once), and
+    once h2 is back it does not start the VM again."""
+    ip, vm = _shared_vm(lab, "h2", "ha-iso")
+    uuid, pid_h2 = vm["uuid"], int(vm["pid"])
+    try:
+        with ha_cluster(lab, "hiso") as etcd:
+            with lab.client("h2") as c:
+                c.cluster_vm_add("ha-iso")
+                # a readiness wait (h2's next good lease tick), not what is tested: generous,
+                # the lease loop's etcd requests are slow on a loaded machine
+                wait_for(lambda: c.cluster_member()["clustered_vms"] == ["ha-iso"], 30, "h2")
+            assert _qemus_of(uuid) == [pid_h2]
+            alive_key = Keys("hiso").alive("h2")
+            assert etcd.get(alive_key) is not None
+            most = 0  # the most hosts running a QEMU with the VM's uuid at one sample
+            seen: set[str] = set()  # every host that ran one since the cut
+            starting = 0  # samples with two processes on one host (QEMU's -daemonize)
+            t_fenced = t_expired = t_answer = None
+            pid_h1: int | None = None
+            lab.lab.set_mgmt_link("h2", False)
+            t_cut = time.monotonic()
+            try:
+                while time.monotonic() - t_cut < 90 and t_answer is None:
+                    now = time.monotonic()
+                    qemus = _qemus_of(uuid)
+                    hosts = _hosts_of(lab, qemus)
+                    most, seen = max(most, len(hosts)), seen | hosts
+                    starting += len(qemus) > len(hosts)
+                    if t_fenced is None and pid_h2 not in qemus:
+                        t_fenced = now
+                    if t_fenced is not None:  # fenced: h2 never runs it again
+                        assert "h2" not in hosts, qemus
+                    if t_expired is None and etcd.get(alive_key) is None:
+                        t_expired = now
+                    if t_expired is not None and pid_h1 is None:
+                        with lab.client("h1") as c, contextlib.suppress(NotFoundError):
+                            on_h1 = c.vm("ha-iso")
+                            if on_h1["state"] == "running":
+                                pid_h1 = int(on_h1["pid"])
+                    if pid_h1 is not None:
+                        with contextlib.suppress(FerryError):  # e.g. no route while it boots
+                            echo = lab.probe("udp", ip, count=1, interval=0.0, timeout=0.5)
+                            if echo.get("received") == 1:
+                                t_answer = time.monotonic()
+                    time.sleep(0.1)
+                assert t_fenced is not None, "the isolated node did not stop its clustered VM"
+                assert t_expired is not None, "the isolated node's lease did not expire"
+                assert t_fenced < t_expired, (t_fenced - t_cut, t_expired - t_cut)
+                assert pid_h1 is not None, "the VM was not restarted on h1"
+                assert t_answer is not None, "the VM restarted on h1 does not answer echo"
+                assert most == 1 and seen == {"h2", "h1"}, (most, seen)
+                assert _qemus_of(uuid) == [pid_h1]
+                print(f"\nisolated h2: fenced {t_fenced - t_cut:.2f} s after the cut, lease "
+                      f"expired {t_expired - t_cut:.2f} s, echo from h1 "
+                      f"{t_answer - t_cut:.2f} s after it; {starting} sample(s) saw QEMU's "
+                      "launcher and daemon on h1")  # fmt: skip
+            finally:
+                lab.lab.set_mgmt_link("h2", True)
+            # h2 is back: it takes a new lease, lets the VM go and does not start it again
+            wait_for(lambda: _all_alive(lab, "hiso"), 30, "h2 back in the cluster")
+            t_back = time.monotonic()
+            while time.monotonic() - t_back < 6:  # several lease ticks and controller passes
+                assert _qemus_of(uuid) == [pid_h1]  # nothing starts: not even a launcher
+                time.sleep(0.25)
+            with lab.client("h2") as c:
+                assert c.cluster_member()["clustered_vms"] == []
+            r = ferry("--host", "h2", "vm", "list", "--output", "json")
+            assert r.returncode == 0, r.stderr
+            on_h2 = [v for v in json.loads(r.stdout) if v["name"] == "ha-iso"]
+            assert on_h2 == [] or on_h2[0]["state"] == "off", on_h2
+            with lab.client("h1") as c:
+                assert c.vm("ha-iso")["state"] == "running"
+                fos = [e for e in c.cluster_events() if e["kind"] == "failover"]
+            assert [(e["vm"], e["from_node"], e["node"]) for e in fos] == [("ha-iso", "h2", "h1")]
+            assert _qemus_of(uuid) == [pid_h1]
+            lab.stat(ip)
+    finally:
+        lab.lab.set_mgmt_link("h2", True)
+        _forget_everywhere(lab, "ha-iso", "h1")

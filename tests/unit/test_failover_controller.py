@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
-
-import pytest
-from test_cluster_store import LoopbackEtcd
 
 from vmferry.cluster.controller import Controller, plan, rooms
 from vmferry.cluster.etcd import Etcd
@@ -74,18 +69,6 @@ def test_rooms_count_groups_and_promised_memory_of_alive_nodes() -> None:
 
 
 # -- whole passes against a real etcd ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which("etcd") is None:
-        pytest.skip("needs etcd (etcd-server)")
-    srv = LoopbackEtcd(tmp_path_factory.mktemp("etcd-ctl") / "data")
-    srv.start()
-    try:
-        yield srv.url
-    finally:
-        srv.stop()
 
 
 class FakeAgents:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
-from vmferry.api.cluster_routes import add_cluster_routes
+from vmferry.api.cluster_routes import LocalJobs, add_cluster_routes
 from vmferry.api.peer import AgentTLS, HttpPeer
 from vmferry.errors import AuthError, FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
@@ -95,14 +95,16 @@ def create_app(
         await quick.recover()
         cluster_member.start()  # lease, leader, self-fencing (cluster/member.py)
         app.state.cluster_controller.start()  # failover while leader (cluster/controller.py)
+        app.state.planned_moves.start_loop()  # outcomes of planned moves (cluster/planned.py)
         log.info("ferryd %s serving host %s", __version__, host.settings.name)
         yield
+        await app.state.planned_moves.stop()
         await app.state.cluster_controller.stop()
         await cluster_member.stop()
         await host.vms.stop_monitor()
 
     app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
-    cluster_member = add_cluster_routes(app, host, tls)
+    cluster_member = add_cluster_routes(app, host, tls, LocalJobs(moves, quick))
 
     @app.middleware("http")
     async def identify(
@@ -194,6 +196,12 @@ def create_app(
     # -- moves (source side) -----------------------------------------------------------------
     @app.post("/v1/vms/{name}/move", status_code=202)
     async def move_vm(name: str, req: MoveRequest) -> dict[str, Any]:
+        if not req.what_if and await app.state.cluster_vms.is_clustered(name):
+            raise RefusedError(
+                f"VM {name!r} is clustered in {cluster_member.cluster}: the cluster must know "
+                "where it runs", field="name",
+                fix=f"ferry cluster move {name} --to NODE (or --best)",
+            )  # fmt: skip
         if req.options.quick:  # save to the shared volume, restore on the destination
             if req.what_if:
                 return await quick.what_if(name, req)

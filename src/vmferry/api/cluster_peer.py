@@ -88,3 +88,21 @@ class HttpClusterPeer:
             "POST", f"{url.rstrip('/')}/v1/vms/{name}/actions", {"action": "start", "timeout": 60}
         )
         return result
+
+    # -- planned moves and drains (cluster/planned.py: MoveCalls) ---------------------------------
+    async def start_planned_move(
+        self, url: str, vm: str, to: str, quick: bool, reason: str
+    ) -> dict[str, Any]:
+        """Ask the VM's owner to mark and start a planned move; its answer holds the job."""
+        body = {"to": to, "quick": quick, "reason": reason}
+        result: dict[str, Any] = await self._call(
+            "POST", f"{url.rstrip('/')}/v1/cluster/vms/{vm}/planned-move", body
+        )
+        return result
+
+    async def migration(self, url: str, job_id: str) -> dict[str, Any]:
+        """A migration job as that agent has it."""
+        result: dict[str, Any] = await self._call(
+            "GET", f"{url.rstrip('/')}/v1/migrations/{job_id}"
+        )
+        return result

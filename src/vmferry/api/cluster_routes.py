@@ -7,18 +7,23 @@ import ipaddress
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vmferry.api.cluster_peer import HttpClusterPeer
 from vmferry.api.peer import AgentTLS
 from vmferry.cluster.controller import Controller
-from vmferry.cluster.member import ClusterMember
+from vmferry.cluster.member import ClusterMember, EtcdCache
+from vmferry.cluster.planned import ClusterMoves, OwnerMoves
 from vmferry.cluster.service import ClusterCreate, ClusterService, NodeRef
+from vmferry.cluster.store import ClusterVMStore
 from vmferry.cluster.validate import NodeFacts, ReachRequest, facts_here, reach
 from vmferry.cluster.vms import ClusterVMs, VMAdd, VMProperties
 from vmferry.cluster.volumes import VolumeCheck, VolumeCheckResult, check_here
 from vmferry.errors import RefusedError
 from vmferry.host import Host
+from vmferry.migration.engine import Moves, job_json
+from vmferry.migration.model import Job, MoveRequest
+from vmferry.migration.quick import QuickMoves
 
 #: Agent calls of the failover controller may wait for an import (which asks the old owner).
 CONTROLLER_CALL_S = 60.0
@@ -32,6 +37,50 @@ class ValidateRequest(BaseModel):
     volumes: list[str] = []
 
 
+class ClusterMoveBody(BaseModel):
+    """``POST /v1/cluster/vms/{name}/move``: to a node, or the best possible one."""
+
+    cluster: str | None = None
+    to: str | None = None
+    best: bool = False
+    quick: bool = False
+
+
+class PlannedMoveBody(BaseModel):
+    """Agent → owner agent: mark and start the planned move."""
+
+    to: str
+    quick: bool = False
+    reason: str = Field(default="planned move", max_length=300)
+    cluster: str | None = None
+
+
+class ResumeBody(BaseModel):
+    """``POST /v1/cluster/{name}/nodes/{node}/resume``."""
+
+    failback: bool = False
+
+
+class LocalJobs:
+    """This agent's move jobs as the cluster layer sees them (``cluster.planned.LocalMoves``)."""
+
+    def __init__(self, moves: Moves, quick: QuickMoves) -> None:
+        self.moves = moves
+        self.quick = quick
+
+    async def submit(self, name: str, req: MoveRequest) -> Job:
+        """A live move, or a quick one when ``req.options.quick``."""
+        return await (self.quick if req.options.quick else self.moves).submit(name, req)
+
+    def job(self, job_id: str) -> Job | None:
+        """A job of this host, or None."""
+        return self.moves.jobs.get(job_id)
+
+    def jobs_of(self, vm: str) -> list[Job]:
+        """Every job of this host that moved ``vm``."""
+        return [j for j in self.moves.jobs.values() if j.vm == vm]
+
+
 class VolumePath(BaseModel):
     """``POST /v1/cluster/volumes``."""
 
@@ -39,8 +88,11 @@ class VolumePath(BaseModel):
     cluster: str | None = None
 
 
-def add_cluster_routes(app: FastAPI, host: Host, tls: AgentTLS | None) -> ClusterMember:
-    """Add the cluster routes; the returned member is started and stopped by the lifespan."""
+def add_cluster_routes(
+    app: FastAPI, host: Host, tls: AgentTLS | None, jobs: LocalJobs
+) -> ClusterMember:
+    """Add the cluster routes; the returned member is started and stopped by the lifespan
+    (with ``app.state.cluster_controller`` and ``app.state.planned_moves``)."""
     member = ClusterMember(host.vms, lambda: host.settings, host.state_dir)
     service = ClusterService(lambda: host.settings, member, HttpClusterPeer(tls))
 
@@ -136,6 +188,45 @@ def add_cluster_routes(app: FastAPI, host: Host, tls: AgentTLS | None) -> Cluste
         return {"report": await cvms.controller(cluster), "here": controller.status()}
 
     app.state.cluster_controller = controller
+    app.state.cluster_vms = cvms
+
+    # -- planned moves, drain, resume (cluster/planned.py) ---------------------------------------
+    etcd_cache = EtcdCache(lambda: host.settings)
+    owner = OwnerMoves(lambda: host.settings.name, lambda: member.cluster,
+                       lambda: ClusterVMStore(etcd_cache.get()), jobs)  # fmt: skip
+    planned = ClusterMoves(lambda: ClusterVMStore(etcd_cache.get()), HttpClusterPeer(tls))
+    app.state.planned_moves = owner
+
+    @app.post("/v1/cluster/vms/{name}/move", status_code=202)
+    async def cluster_vm_move(name: str, body: ClusterMoveBody, request: Request) -> dict[str, Any]:
+        return await planned.move(cvms._cluster(body.cluster), name, body.to, body.best,
+                                  body.quick, getattr(request.state, "identity", None))  # fmt: skip
+
+    @app.post("/v1/cluster/vms/{name}/planned-move", status_code=202)
+    async def cluster_vm_planned_move(name: str, body: PlannedMoveBody) -> dict[str, Any]:
+        cluster = cvms._cluster(body.cluster)
+        state = await cvms._run(ClusterVMStore(etcd_cache.get()).load, cluster)
+        node = state.nodes.get(body.to)
+        if node is None:
+            raise RefusedError(f"{body.to!r} is not a node of cluster {cluster!r}", field="to")
+        job = await owner.start(cluster, name, body.to, node.url, body.quick, body.reason)
+        return {"job": job_json(job)}
+
+    @app.post("/v1/cluster/{name}/nodes/{node}/drain", status_code=202)
+    async def cluster_drain(name: str, node: str, request: Request) -> dict[str, Any]:
+        rec = await planned.drain(name, node, getattr(request.state, "identity", None))
+        controller.wake()  # when this node leads, start at once rather than on the next tick
+        return rec
+
+    @app.post("/v1/cluster/{name}/nodes/{node}/resume")
+    async def cluster_resume(
+        name: str, node: str, body: ResumeBody, request: Request
+    ) -> dict[str, Any]:
+        rec = await planned.resume(
+            name, node, body.failback, getattr(request.state, "identity", None)
+        )
+        controller.wake()
+        return rec
 
     # after the fixed paths above: /v1/cluster/{name} would also match /v1/cluster/volumes
     @app.delete("/v1/cluster/{name}")

@@ -885,12 +885,18 @@ def _self_name() -> str:
 def _cluster_show(st: dict[str, Any]) -> None:
     t = Table(title=f"cluster {st['name']} (leader: {st.get('leader') or 'none'})",
               title_justify="left")  # fmt: skip
-    for col in ("NODE", "LEASE", "LEADER", "CLUSTERED VMS", "LAST FENCED", "URL"):
+    for col in ("NODE", "STATE", "LEASE", "LEADER", "CLUSTERED VMS", "LAST FENCED", "URL"):
         t.add_column(col)
     for n in st["nodes"]:
         fenced = n.get("last_fenced_at")
+        d = n.get("drain") or {}
+        state = n.get("state", "-")
+        if d:
+            state += f" ({d['kind']} {d['status']}: {len(d['moved'])} moved"
+            state += f", {len(d['failed'])} failed)" if d["failed"] else ")"
         t.add_row(
             n["name"],
+            state,
             n["lease"],
             "*" if n["leader"] else "",
             ", ".join(n["clustered_vms"]) or "-",
@@ -1085,7 +1091,8 @@ def _cvm_table(rows: list[dict[str, Any]]) -> None:
         t.add_column(col)
     for r in rows:
         t.add_row(
-            r["name"] + (" (restarting)" if r.get("restart_pending") else ""),
+            r["name"] + (" (restarting)" if r.get("restart_pending") else "")
+            + (f" (moving to {r['moving_to']})" if r.get("moving_to") else ""),
             r["node"], r.get("owner_lease", "-"), r["priority"],
             ",".join(r["preferred"]) or "-", ",".join(r["possible"]) or "any",
             r.get("anti_affinity") or "-",
@@ -1172,6 +1179,128 @@ def cluster_events(
     with _client() as c:
         evs = c.cluster_events(cluster, limit)
     _emit(evs, output, _events_table)
+
+
+# -- planned moves, drain, resume (cluster/planned.py) -------------------------------------------
+@cluster_app.command("move")
+def cluster_move(
+    vm: str,
+    to: Annotated[str | None, typer.Option("--to", help="destination node")] = None,
+    best: Annotated[bool, typer.Option("--best", help="the best possible node")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="quick move (save, restore)")] = False,
+    cluster: ClusterOpt = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Move a clustered VM to another node, live by default; the cluster records its new owner."""
+    with _client() as c:
+        res = c.cluster_vm_move(vm, to, best, quick, cluster)
+    job = res["job"]
+    if no_wait:
+        _emit(
+            res,
+            output,
+            lambda r: out.print(
+                f"moving {vm} from {r['from']} to {r['to']}: migration {job['id']} on {r['from']}"
+            ),
+        )
+        return
+    if (output or G.output) is not Output.json:
+        err.print(f"{res['reason']}: {vm} from {res['from']} to {res['to']}")
+    if res["from"] not in load_config().hosts:
+        _fail(
+            FerryError(
+                f"migration {job['id']} runs on {res['from']}, which the client config lacks",
+                fix=f"watch it with: ferry --host {res['from']} migration show {job['id']}",
+            )
+        )
+    G.host = res["from"]
+    with _client() as c:
+        done = _watch(c, job["id"], quiet=(output or G.output) is Output.json)
+    _emit({**res, "job": done}, output, lambda r: _job_show(r["job"]))
+    if done["state"] != "completed":
+        raise typer.Exit(1)
+
+
+def _drain_progress(st: dict[str, Any], node: str) -> dict[str, Any] | None:
+    return next((n.get("drain") for n in st["nodes"] if n["name"] == node), None)
+
+
+def _wait_drain(c: FerryClient, cluster: str, node: str, quiet: bool) -> dict[str, Any]:
+    """Poll the cluster until the drain (failback) of ``node`` ends (bounded: 2 h)."""
+    deadline = time.monotonic() + 7200
+    shown: set[str] = set()
+    while True:
+        d = _drain_progress(c.cluster_status(cluster), node) or {}
+        for vm, to in sorted(d.get("moved", {}).items()):
+            if not quiet and f"m{vm}" not in shown:
+                err.print(f"  moved {vm} to {to}")
+                shown.add(f"m{vm}")
+        for vm, why in sorted(d.get("failed", {}).items()):
+            if not quiet and f"f{vm}" not in shown:
+                err.print(f"  [yellow]could not move {vm}[/]: {why}")
+                shown.add(f"f{vm}")
+        if d.get("status") != "running" or time.monotonic() > deadline:
+            return d
+        time.sleep(0.5)
+
+
+@cluster_app.command("drain")
+def cluster_drain(
+    node: str,
+    cluster: ClusterOpt = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Pause a node and move its clustered VMs live to the best possible nodes (maintenance)."""
+    with _client() as c:
+        name = cluster or c.cluster_status()["name"]
+        rec = c.cluster_drain(name, node)
+        if no_wait:
+            _emit(rec, output, lambda r: out.print(f"draining {node}; see ferry cluster status"))
+            return
+        d = _wait_drain(c, name, node, quiet=(output or G.output) is Output.json)
+    _emit(
+        d,
+        output,
+        lambda r: out.print(
+            f"drain of {node} {r.get('status')}: {len(r.get('moved', {}))} moved, "
+            f"{len(r.get('failed', {}))} could not move; {node} stays paused "
+            f"(ferry cluster resume {node} [--failback])"
+        ),
+    )
+    if d.get("status") != "done":
+        raise typer.Exit(1)
+
+
+@cluster_app.command("resume")
+def cluster_resume(
+    node: str,
+    failback: Annotated[
+        bool, typer.Option("--failback", help="move back the VMs its drain moved away")
+    ] = False,
+    cluster: ClusterOpt = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    output: OutputOpt = None,
+) -> None:
+    """Unpause a node (it takes VMs again); with --failback, bring its VMs back live."""
+    with _client() as c:
+        name = cluster or c.cluster_status()["name"]
+        rec = c.cluster_resume(name, node, failback)
+        if not failback or no_wait:
+            _emit(rec, output, lambda r: out.print(f"{node} resumed"))
+            return
+        d = _wait_drain(c, name, node, quiet=(output or G.output) is Output.json)
+    _emit(
+        d,
+        output,
+        lambda r: out.print(
+            f"failback to {node} {r.get('status')}: {len(r.get('moved', {}))} moved back, "
+            f"{len(r.get('failed', {}))} could not move"
+        ),
+    )
+    if d.get("status") != "done":
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -245,6 +245,26 @@ class FerryClient:
         result: list[dict[str, Any]] = self.request("GET", f"/v1/cluster/vms{q}")
         return result
 
+    def cluster_vm_move(
+        self, name: str, to: str | None, best: bool, quick: bool, cluster: str | None = None
+    ) -> dict[str, Any]:
+        """Start a planned move of a clustered VM (its owner runs it); the job is in ``job``."""
+        body = {"to": to, "best": best, "quick": quick, "cluster": cluster}
+        result: dict[str, Any] = self.request("POST", f"/v1/cluster/vms/{name}/move", json=body)
+        return result
+
+    def cluster_drain(self, cluster: str, node: str) -> dict[str, Any]:
+        """Pause ``node`` and move its clustered VMs away (the leader works through it)."""
+        result: dict[str, Any] = self.request("POST", f"/v1/cluster/{cluster}/nodes/{node}/drain")
+        return result
+
+    def cluster_resume(self, cluster: str, node: str, failback: bool) -> dict[str, Any]:
+        """Unpause ``node``; with ``failback``, move back what its drain moved away."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/cluster/{cluster}/nodes/{node}/resume", json={"failback": failback}
+        )
+        return result
+
     def cluster_vm_add(self, name: str, **props: Any) -> dict[str, Any]:
         """Make a VM of this host clustered (priority, preferred, possible, anti_affinity)."""
         result: dict[str, Any] = self.request(

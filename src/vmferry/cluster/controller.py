@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vmferry.cluster.etcd import Etcd, EtcdUnavailable
-from vmferry.cluster.member import ClusterMember, etcd_for
+from vmferry.cluster.etcd import EtcdUnavailable
+from vmferry.cluster.member import ClusterMember, EtcdCache
 from vmferry.cluster.placement import NodeRoom, Placement, VMDemand, place
+from vmferry.cluster.planned import Drains, free_memory
 from vmferry.cluster.store import (
     ClusteredVM,
     ClusterEvent,
@@ -47,6 +48,8 @@ from vmferry.host.settings import HostSettings
 log = logging.getLogger("vmferry.cluster.controller")
 
 TICK = 1.0
+#: While a drain or failback runs, a pass every FAST_TICK: a freed move slot is used at once.
+FAST_TICK = 0.1
 RETRY_S = 10.0
 
 
@@ -57,6 +60,10 @@ class AgentCalls(Protocol):
     async def vm(self, url: str, name: str) -> dict[str, Any] | None: ...
     async def import_vm(self, url: str, path: str) -> dict[str, Any]: ...
     async def start_vm(self, url: str, name: str) -> dict[str, Any]: ...
+    async def start_planned_move(
+        self, url: str, vm: str, to: str, quick: bool, reason: str
+    ) -> dict[str, Any]: ...
+    async def migration(self, url: str, job_id: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Plan:
     retries: list[ClusteredVM] = field(default_factory=list)
     #: VMs that cannot be failed over at all, with why (e.g. no folder recorded).
     broken: dict[str, str] = field(default_factory=dict)
+    #: VMs whose owner died during a planned move to a node that is alive: ask that node first.
+    handoffs: list[ClusteredVM] = field(default_factory=list)
 
 
 def plan(state: ClusterState, in_flight: Iterable[str], now: float = 0.0,
@@ -83,7 +92,9 @@ def plan(state: ClusterState, in_flight: Iterable[str], now: float = 0.0,
         if vm.name in busy:
             continue
         if vm.node not in alive:
-            if not vm.storage_dir:
+            if vm.moving_to in alive:
+                out.handoffs.append(vm)
+            elif not vm.storage_dir:
                 out.broken[vm.name] = "no folder on a shared volume is recorded for it"
             else:
                 out.orphans.append(vm)
@@ -95,12 +106,18 @@ def plan(state: ClusterState, in_flight: Iterable[str], now: float = 0.0,
 def rooms(
     state: ClusterState, free_mib: dict[str, int], in_flight: Iterable[str]
 ) -> list[NodeRoom]:
-    """The alive nodes that answered with their free memory, less what is promised to VMs not
-    yet started there, with the anti-affinity groups each node already holds (pure)."""
+    """The alive, unpaused nodes that answered with their free memory, less what is promised to
+    VMs not yet started there (restarts, planned moves heading there), with the anti-affinity
+    groups each node already holds (pure)."""
     busy = set(in_flight)
     out: dict[str, NodeRoom] = {n: NodeRoom(n, free, Counter()) for n, free in free_mib.items()
-                                if n in state.alive}  # fmt: skip
+                                if n in state.alive and not _paused(state, n)}  # fmt: skip
     for vm in state.vms.values():
+        moving = out.get(vm.moving_to) if vm.moving_to else None
+        if moving is not None:
+            moving.free_mib -= vm.memory_mib
+            if vm.anti_affinity:
+                moving.groups[vm.anti_affinity] += 1
         room = out.get(vm.node)
         if room is None:
             continue
@@ -109,6 +126,11 @@ def rooms(
         if vm.restart_pending or vm.name in busy:
             room.free_mib -= vm.memory_mib  # promised, its QEMU is not counted by the agent yet
     return sorted(out.values(), key=lambda r: r.name)
+
+
+def _paused(state: ClusterState, node: str) -> bool:
+    rec = state.nodes.get(node)
+    return rec is not None and rec.paused
 
 
 def demand(vm: ClusteredVM) -> VMDemand:
@@ -138,10 +160,12 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self._sem: asyncio.Semaphore | None = None
-        self._etcd: Etcd | None = None
-        self._etcd_key: str | None = None
+        self._etcd = EtcdCache(settings)
         self.last_error: str | None = None
         self.last_pass: dict[str, Any] = {}
+        self._wake = asyncio.Event()
+        self.drains = Drains(lambda: member.node, calls,
+                             lambda: self._settings().cluster.drain_concurrency)  # fmt: skip
 
     # -- tasks ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -157,19 +181,14 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._task = None
-        if self._etcd is not None:
-            self._etcd.close()
-            self._etcd = None
+        self._etcd.close()
 
     def _store(self) -> ClusterVMStore:
-        cfg = self._settings().cluster.etcd
-        key = cfg.model_dump_json()
-        if self._etcd is None or key != self._etcd_key:
-            if self._etcd is not None:
-                self._etcd.close()
-            self._etcd = etcd_for(self._settings(), timeout=2.0)
-            self._etcd_key = key
-        return ClusterVMStore(self._etcd)
+        return ClusterVMStore(self._etcd.get())
+
+    def wake(self) -> None:
+        """Run the next pass now (a drain or resume was just recorded)."""
+        self._wake.set()
 
     def _is_leader(self) -> bool:
         m = self.member
@@ -184,6 +203,7 @@ class Controller:
                 else:
                     self.last_seen_alive.clear()
                     self.noticed_dead.clear()
+                    self.drains.forget()
                 self.last_error = None
             except EtcdUnavailable as exc:
                 self.last_error = str(exc)
@@ -192,7 +212,10 @@ class Controller:
             except Exception as exc:  # the loop must never die
                 log.exception("controller pass failed")
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
-            await asyncio.sleep(max(0.05, TICK - (time.monotonic() - t0)))
+            tick = FAST_TICK if self.drains.busy else TICK
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, tick - (time.monotonic() - t0)))
+            self._wake.clear()
 
     # -- one pass -------------------------------------------------------------------------------
     async def run_once(self) -> Placement | None:
@@ -217,6 +240,8 @@ class Controller:
             await self._report_once(store, cluster, name, "unplaced", why, state.vms[name].node)
         for vm in p.retries:
             self._spawn(store, cluster, vm, state, decided_at=now, decide_ms=0.0)
+        for vm in p.handoffs:
+            await self._handoff(store, cluster, vm, state, revs[vm.name], leader_rev)
         result: Placement | None = None
         if p.orphans:
             free = await self._free_memory(state)
@@ -247,6 +272,9 @@ class Controller:
                 await self._report_once(store, cluster, name, "unplaced", why, state.vms[name].node)
             for name, why in result.skipped.items():
                 await self._report_once(store, cluster, name, "skipped", why, state.vms[name].node)
+        if self.drains.busy or any(r.drain is not None and r.drain.status == "running"
+                                   for r in state.nodes.values()):  # fmt: skip
+            await self.drains.step(store, cluster, state, lambda: self._free_memory(state))
         rep = ControllerReport(
             leader=self.member.node, at=now, dead_nodes=p.dead,
             unplaced={**p.broken, **(result.unplaced if result else {})},
@@ -257,6 +285,49 @@ class Controller:
             self._last_report = rep
         self.last_pass = {"at": now, "dead": p.dead, "orphans": [v.name for v in p.orphans]}
         return result
+
+    async def _handoff(self, store: ClusterVMStore, cluster: str, vm: ClusteredVM,
+                       state: ClusterState, rev: int, leader_rev: int) -> None:  # fmt: skip
+        """The owner died during a planned move: the destination has the VM running (give it
+        to it), has nothing (clear the mark; failover restarts it next pass) or still receives
+        it (wait: restarting it elsewhere could run it twice)."""
+        to = str(vm.moving_to)
+        node = state.nodes.get(to)
+        if node is None:
+            return
+        try:
+            have = await self.calls.vm(node.url, vm.name)
+        except FerryError as exc:
+            await self._report_once(store, cluster, vm.name, "waiting",
+                                    f"its move to {to} was in progress; {to} did not answer: "
+                                    f"{exc.message}", vm.node)  # fmt: skip
+            return
+        if have is not None and vm.uuid and have.get("uuid") not in (None, vm.uuid):
+            have = None  # another VM of that name: not ours
+        state_there = have.get("state") if have else None
+        if state_there in ("running", "paused"):
+            new = vm.model_copy(update={"node": to, "moving_to": None, "move_job": None,
+                                        "restart_pending": False})  # fmt: skip
+            kind, why = "handed-over", (f"node {vm.node} lost its lease during a planned move; "
+                                        f"the VM already ran on {to}")  # fmt: skip
+        elif have is None:
+            new = vm.model_copy(update={"moving_to": None, "move_job": None})
+            kind, why = "move-abandoned", (f"node {vm.node} lost its lease during a planned move "
+                                           f"to {to}, which does not have the VM; failover "
+                                           "restarts it")  # fmt: skip
+        else:
+            await self._report_once(store, cluster, vm.name, "waiting",
+                                    f"its owner {vm.node} died while moving it to {to}, where "
+                                    f"it is {state_there}; waiting for {to} to take it or drop "
+                                    "it", vm.node)  # fmt: skip
+            return
+        if not await asyncio.to_thread(store.reassign, cluster, new, rev, vm.node, leader_rev):
+            return
+        self._reported.pop(vm.name, None)
+        ev = ClusterEvent(kind=kind, vm=vm.name, node=new.node, from_node=vm.node,
+                          by=self.member.node, reason=why)  # fmt: skip
+        await asyncio.to_thread(store.add_event, cluster, ev)
+        log.warning("cluster %s: %s: %s", cluster, vm.name, why)
 
     def _detect_timings(self, node: str, decided_at: float, decide_ms: float) -> dict[str, float]:
         seen = self.last_seen_alive.get(node)
@@ -269,18 +340,7 @@ class Controller:
 
     async def _free_memory(self, state: ClusterState) -> dict[str, int]:
         """Free memory for VMs of each alive node that answers (others get nothing)."""
-
-        async def one(node: str) -> tuple[str, int | None]:
-            try:
-                info = await self.calls.host_info(state.nodes[node].url)
-                return node, int(info["memory_free_for_vms_mib"])
-            except (FerryError, KeyError, ValueError, TypeError) as exc:
-                log.warning("node %s did not report its memory: %s", node, exc)
-                return node, None
-
-        alive = [n for n in state.nodes if n in state.alive]
-        got = await asyncio.gather(*(one(n) for n in alive))
-        return {n: free for n, free in got if free is not None}
+        return await free_memory(self.calls, state)
 
     async def _report_once(
         self, store: ClusterVMStore, cluster: str, vm: str, kind: str, why: str, node: str

@@ -217,6 +217,9 @@ class ClusterService:
                 "up_since": alive.since if alive else None,
                 "version": alive.version if alive else None,
                 "leader": state.leader is not None and state.leader.node == name,
+                "state": _node_state(rec, alive is not None),
+                "paused": rec.paused,
+                "drain": rec.drain.model_dump() if rec.drain else None,
                 "clustered_vms": sorted(v.name for v in state.vms.values() if v.node == name),
                 "last_fenced_at": fenced.at if fenced else None,
                 "last_fenced_vms": fenced.vms if fenced else [],
@@ -231,3 +234,12 @@ class ClusterService:
             "volumes": volume_summary(state),
             "vms": [v.model_dump() for v in sorted(state.vms.values(), key=lambda v: v.name)],
         }
+
+
+def _node_state(rec: NodeRecord, alive: bool) -> str:
+    """down | draining | failing-back | paused | up."""
+    if not alive:
+        return "down"
+    if rec.drain is not None and rec.drain.status == "running":
+        return "draining" if rec.drain.kind == "drain" else "failing-back"
+    return "paused" if rec.paused else "up"

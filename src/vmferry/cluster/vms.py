@@ -210,6 +210,21 @@ class ClusterVMs:
         rep = await self._run(self._store().report, self._cluster(cluster))
         return rep.model_dump() if rep else None
 
+    async def is_clustered(self, name: str) -> bool:
+        """Whether this node's cluster has VM ``name`` clustered (etcd first; when etcd does not
+        answer, this node's cached list)."""
+        cluster = self.member.cluster
+        if cluster is None:
+            return False
+        try:
+            store = self._store()
+            try:
+                return await asyncio.to_thread(store.vm_record, cluster, name) is not None
+            finally:
+                store.etcd.close()
+        except EtcdUnavailable:
+            return name in self.member.clustered
+
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
     def _not_clustered(name: str, cluster: str, state: ClusterState) -> FerryError:

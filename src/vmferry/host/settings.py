@@ -97,6 +97,9 @@ class ClusterSettings(BaseModel):
     lease_ttl_s: int = Field(default=6, ge=3, le=60)
     #: How many failed-over VMs the leader's controller restarts at once (cluster/controller.py).
     failover_concurrency: int = Field(default=4, ge=1, le=64)
+    #: How many live moves a drain (or failback) runs at once (cluster/planned.py); each host's
+    #: ``migration.max_concurrent`` still applies.
+    drain_concurrency: int = Field(default=2, ge=1, le=64)
 
 
 class HostSettings(BaseModel):

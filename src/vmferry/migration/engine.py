@@ -377,8 +377,7 @@ class Moves:
             self._pass_remaining.pop(job.id, None)
             with contextlib.suppress(FerryError):
                 self.vms.set_busy(name, VMState.HANDOVER if job.handover_pending else None)
-            await peer.close()
-            now = time.time()
+            now = time.time()  # before any await: readers see a finished job complete
             if job.phases and job.phases[-1].ended_at is None:
                 job.phases[-1].ended_at = now
             job.finished_at = now
@@ -386,6 +385,7 @@ class Moves:
             job.queue_position = None
             self._save(job)
             self._tasks.pop(job.id, None)
+            await peer.close()
 
     async def _commit(
         self, job: Job, peer: Peer, paused: bool, started: float | None

@@ -1,0 +1,246 @@
+"""Drain benchmark: ``ferry cluster drain`` of a node running 6 clustered VMs.
+
+A 3-host lab (migration links shaped to 1 Gbit/s, as in :mod:`bench.migrate`), one cluster of
+h1..h3 with the lab's shared volume, six 256 MiB probe guests on h1 (clustered, files on the
+shared volume). First each VM is moved alone (``cluster move --to`` h2 or h3, then back): the
+single-move times. Then, with a TCP session held to every guest, h1 is drained: the total from
+the request to the drain record's end. Target (issue 5): drain total <= 1.3 x (sum of single
+moves / drain concurrency). Finally ``resume --failback`` brings them home (timed too).
+
+Times are wall-clock, from the API request to the moment etcd shows the new owner — what an
+admin waits for. Reports go to ``bench/results/drain.{md,json}``.
+Run as root: ``.venv/bin/python -m bench.run --only drain [--runs N]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.migrate import LINK_RATE, _git_state
+from vmferry.client import FerryClient, FerryError
+from vmferry.cluster.store import ClusterVMStore
+from vmferry.lab import Lab
+from vmferry.lab.lab import BackgroundProbe, start_probe, wait_answer
+
+RESULTS = Path(__file__).parent / "results"
+VMS = 6
+MEMORY_MIB = 256
+CLUSTER = "bench"
+HOSTS = ("h1", "h2", "h3")
+MOVE_TIMEOUT_S = 180.0
+TARGET = 1.3
+
+
+def _owner(store: ClusterVMStore, vm: str) -> tuple[str, str | None]:
+    got = store.vm_record(CLUSTER, vm)
+    assert got is not None
+    return got[0].node, got[0].moving_to
+
+
+def _wait(cond: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _setup(lab: Lab) -> tuple[list[str], dict[str, str]]:
+    urls = {h: lab.endpoint(h).url for h in HOSTS}
+    with lab.client("h1") as c:
+        c.cluster_create(CLUSTER, urls)
+        _wait(lambda: all(n["lease"] == "alive" for n in c.cluster_status(CLUSTER)["nodes"])
+              and c.cluster_status(CLUSTER)["leader"], 30, "cluster up")  # fmt: skip
+        c.cluster_volume_add(str(lab.shared_dir))
+    names, ips = [], {}
+    topo = lab.topology()
+    with lab.client("h1") as c:
+        for i in range(VMS):
+            name, ip = f"dr{i}", topo.guest_ip(i + 1)
+            c.create_vm({
+                "name": name, "memory_mib": MEMORY_MIB, "disks": [{"size_mib": 16}],
+                "nics": [{"switch": "external"}], "storage_dir": str(lab.shared_dir / name),
+                "probe": {"ip": f"{ip}/24", "roles": ["heartbeat", "udpecho", "tcpecho"]},
+            })  # fmt: skip
+            c.action(name, "start")
+            names.append(name)
+            ips[name] = ip
+        for name in names:
+            wait_answer(lab, ips[name], 120)
+            c.cluster_vm_add(name)
+    return names, ips
+
+
+def _move(c: FerryClient, store: ClusterVMStore, vm: str, to: str) -> dict[str, Any]:
+    t0 = time.monotonic()
+    res = c.cluster_vm_move(vm, to, False, False, CLUSTER)
+    _wait(lambda: _owner(store, vm) == (to, None), MOVE_TIMEOUT_S, f"{vm} owned by {to}")
+    wall = time.monotonic() - t0
+    with lab_client_for(res["from"]) as src:
+        job = src.migration(res["job"]["id"])
+    if job["state"] != "completed":
+        raise RuntimeError(f"move of {vm} to {to}: {job['state']}: {job.get('error')}")
+    return {"vm": vm, "to": to, "wall_s": round(wall, 3), "job_total_s": job.get("total_s")}
+
+
+_LAB: Lab | None = None
+
+
+def lab_client_for(host: str) -> FerryClient:
+    assert _LAB is not None
+    return _LAB.client(host)
+
+
+def _drain_until_done(c: FerryClient, node: str, kind: str) -> tuple[float, dict[str, Any]]:
+    t0 = time.monotonic()
+    if kind == "drain":
+        c.cluster_drain(CLUSTER, node)
+    else:
+        c.cluster_resume(CLUSTER, node, True)
+
+    def done() -> dict[str, Any] | None:
+        st = c.cluster_status(CLUSTER)
+        d = next(n for n in st["nodes"] if n["name"] == node).get("drain") or {}
+        return d if d.get("status") not in (None, "running") else None
+
+    rec = _wait(done, MOVE_TIMEOUT_S * VMS, f"{kind} of {node}", interval=0.1)
+    return time.monotonic() - t0, rec
+
+
+def _timeline(lab: Lab, host: str, since: float) -> list[dict[str, Any]]:
+    """The drain's moves as the source ran them: start and end (s after the request), phases."""
+    rows = []
+    with lab.client(host) as c:
+        for j in c.migrations():
+            if j["created_at"] < since:
+                continue
+            job = c.migration(j["id"])
+            phases = {p["phase"]: round((p["ended_at"] or p["started_at"]) - p["started_at"], 2)
+                      for p in job["phases"]}  # fmt: skip
+            rows.append({
+                "vm": job["vm"], "to": job["destination"], "state": job["state"],
+                "start_s": round(job["created_at"] - since, 2),
+                "end_s": round((job["finished_at"] or since) - since, 2), "phases": phases,
+            })  # fmt: skip
+    return sorted(rows, key=lambda r: r["start_s"])
+
+
+def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
+    """Single moves (there and back), then a drain with sessions held, then a failback."""
+    etcd = lab.etcd_client()
+    store = ClusterVMStore(etcd)
+    try:
+        singles = []
+        with lab.client("h2") as c:
+            for to in ("h2", "h3", "h1"):  # warm-up: each agent's first QEMU launch is slower
+                _move(c, store, names[0], to)
+            for i, vm in enumerate(names):
+                singles.append(_move(c, store, vm, "h2" if i % 2 == 0 else "h3"))
+                _move(c, store, vm, "h1")
+        sessions: dict[str, BackgroundProbe] = {
+            vm: start_probe(lab, "session", ips[vm], duration=300) for vm in names
+        }
+        with lab.client("h2") as c:
+            t_drain = time.time()
+            drain_s, drain = _drain_until_done(c, "h1", "drain")
+            where = {vm: _owner(store, vm)[0] for vm in names}
+            timeline = _timeline(lab, "h1", t_drain)
+            back_s, back = _drain_until_done(c, "h1", "failback")
+        held = {vm: s.stop() for vm, s in sessions.items()}
+    finally:
+        etcd.close()
+    with lab.client("h1") as c:
+        concurrency = int(c.settings()["cluster"]["drain_concurrency"])
+    total_single = sum(s["wall_s"] for s in singles)
+    bound = total_single / concurrency
+    return {
+        "singles": singles, "sum_single_s": round(total_single, 3), "concurrency": concurrency,
+        "drain_s": round(drain_s, 3), "drain": drain, "placed": where,
+        "failback_s": round(back_s, 3), "failback": back,
+        "ratio": round(drain_s / bound, 3), "target": TARGET,
+        "sessions_kept": sum(1 for r in held.values() if r.get("ok") and not r.get("reset")),
+        "sessions": len(held), "timeline": timeline,
+    }  # fmt: skip
+
+
+def run_all(lab_dir: Path, runs: int) -> list[dict[str, Any]]:
+    """Bring up a 3-host lab, run ``runs`` rounds, tear the lab down."""
+    global _LAB
+    lab = Lab(lab_dir)
+    _LAB = lab
+    rows = []
+    try:
+        lab.up(len(HOSTS), link_rate=LINK_RATE)
+        names, ips = _setup(lab)
+        for i in range(runs):
+            row = run_once(lab, names, ips)
+            rows.append(row)
+            print(f"run {i + 1}/{runs}: drain {row['drain_s']:.1f} s, sum of singles "
+                  f"{row['sum_single_s']:.1f} s / {row['concurrency']} -> ratio {row['ratio']} "
+                  f"(target <= {TARGET}); failback {row['failback_s']:.1f} s; sessions kept "
+                  f"{row['sessions_kept']}/{row['sessions']}", flush=True)  # fmt: skip
+        with lab.client("h1") as c:
+            for vm in names:
+                with contextlib.suppress(FerryError):
+                    c.cluster_vm_remove(vm, CLUSTER)
+    finally:
+        lab.down()
+        _LAB = None
+    return rows
+
+
+def report(rows: list[dict[str, Any]], command: str) -> dict[str, Any]:
+    """Write bench/results/drain.{md,json}."""
+    ratios = [r["ratio"] for r in rows]
+    git = _git_state()
+    doc: dict[str, Any] = {
+        "command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "git": git, "vms": VMS, "memory_mib": MEMORY_MIB, "link": LINK_RATE,
+        "runs": rows, "median_ratio": statistics.median(ratios) if ratios else None,
+    }  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "drain.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    lines = [
+        "# Drain benchmark", "",
+        f"`{command}` — {doc['at']}, {os.cpu_count()} CPUs (TCG), commit "
+        f"{git['commit'][:10]}.", "",
+        f"A 3-host lab (migration links {LINK_RATE}), {VMS} clustered {MEMORY_MIB} MiB probe "
+        "guests on h1 (files on the shared volume). Single moves: each VM alone to h2 or h3 "
+        "(`cluster move`), request to new owner in etcd. Drain: `cluster drain h1` with a TCP "
+        "session held to every guest, request to the drain record's end. Target: drain <= "
+        f"{TARGET} x (sum of single moves / drain concurrency).", "",
+        "| run | sum of singles (s) | concurrency | drain (s) | ratio | target | failback (s) "
+        "| sessions kept | drain result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for i, r in enumerate(rows):
+        d = r["drain"]
+        lines.append(
+            f"| {i + 1} | {r['sum_single_s']:.1f} | {r['concurrency']} | {r['drain_s']:.1f} | "
+            f"{r['ratio']:.2f} | <= {TARGET} | {r['failback_s']:.1f} | "
+            f"{r['sessions_kept']}/{r['sessions']} | {d.get('status')}, "
+            f"{len(d.get('moved', {}))} moved |"
+        )
+    if rows:
+        lines += ["", "Single moves of the first run:", "",
+                  "| VM | to | wall (s) | job total (s) |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {s['vm']} | {s['to']} | {s['wall_s']:.2f} | {s['job_total_s']} |"
+                  for s in rows[0]["singles"]]  # fmt: skip
+        lines += ["", "The drain's moves (first run; seconds after the drain request):", "",
+                  "| VM | to | start | end | phases (s) |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['vm']} | {t['to']} | {t['start_s']} | {t['end_s']} | "
+                  + ", ".join(f"{k} {v}" for k, v in t["phases"].items()) + " |"
+                  for t in rows[0]["timeline"]]  # fmt: skip
+    (RESULTS / "drain.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'drain'}.md and .json")
+    return doc
