@@ -257,3 +257,39 @@ def test_a_failed_restart_stays_pending_and_is_retried(etcd_url: str) -> None:
         store.remove_clustered_vm("retry", "app")
         store.destroy("retry")
         etcd.close()
+
+
+def test_reassign_many_records_in_batches_and_one_changed_record_holds_back_no_other(
+    etcd_url: str,
+) -> None:
+    vms = [_vm(f"v{i}", "n1") for i in range(7)]
+    etcd, lease = _setup(etcd_url, "batch", vms, alive=["n2", "n3"])
+    store = ClusterVMStore(etcd)
+    try:
+        leader_rev = etcd.get(Keys("batch").leader).mod_revision  # type: ignore[union-attr]
+        moves = []
+        for v in vms:
+            vm, rev = store.vm_record("batch", v.name)  # type: ignore[misc]
+            new = vm.model_copy(update={"node": "n2", "restart_pending": True})
+            moves.append((new, rev, "n1", ClusterEvent(kind="failover", vm=v.name, node="n2")))
+        assert store.alive_nodes("batch") == {"n2", "n3"}  # the leader's cheap check
+        # v3 changes after it was read: its chunk falls back to one transaction per VM
+        vm3, rev3 = store.vm_record("batch", "v3")  # type: ignore[misc]
+        store.update_vm("batch", vm3.model_copy(update={"priority": "high"}), rev3)
+        done = store.reassign_many("batch", moves, leader_rev, chunk=3)
+        assert sorted(done) == ["v0", "v1", "v2", "v4", "v5", "v6"]
+        recs = {v.name: v.node for v in store.clustered_vms("batch")}
+        assert recs["v3"] == "n1" and all(recs[n] == "n2" for n in done)
+        assert sorted(e.vm or "" for e in store.events("batch") if e.kind == "failover") == done
+        # a lost lead records nothing at all (v3's record is current this time)
+        vm3, rev3 = store.vm_record("batch", "v3")  # type: ignore[misc]
+        ev = ClusterEvent(kind="failover", vm="v3", node="n3")
+        late = [(vm3.model_copy(update={"node": "n3"}), rev3, "n1", ev)]
+        assert store.reassign_many("batch", late, leader_rev + 1000) == []
+        assert store.reassign_many("batch", late, leader_rev) == ["v3"]
+    finally:
+        etcd.revoke(lease)
+        for v in store.clustered_vms("batch"):
+            store.remove_clustered_vm("batch", v.name)
+        store.destroy("batch")
+        etcd.close()

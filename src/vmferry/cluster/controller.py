@@ -2,7 +2,7 @@
 
 Every ``TICK`` the leader reads the cluster (one etcd range read). A node whose ``alive`` key is
 gone has lost its lease: etcd deleted the key when the lease expired, and the node stopped its
-clustered VMs at TTL/2 before that (self-fencing, or its fence guard). For each clustered VM
+clustered VMs at least 0.5 s before that (self-fencing, or its fence guard). For each clustered VM
 such a node owned:
 
 1. :func:`plan` (pure) lists what needs a node, what waits for a restart, what is in flight;
@@ -48,6 +48,8 @@ from vmferry.host.settings import HostSettings
 log = logging.getLogger("vmferry.cluster.controller")
 
 TICK = 1.0
+#: How often the leader checks (cheaply) whether a node lost its lease between passes.
+ALIVE_CHECK_S = 0.2
 #: While a drain or failback runs, a pass every FAST_TICK: a freed move slot is used at once.
 FAST_TICK = 0.1
 RETRY_S = 10.0
@@ -164,6 +166,7 @@ class Controller:
         self.last_error: str | None = None
         self.last_pass: dict[str, Any] = {}
         self._wake = asyncio.Event()
+        self._alive_seen: set[str] | None = None
         self.drains = Drains(lambda: member.node, calls,
                              lambda: self._settings().cluster.drain_concurrency)  # fmt: skip
 
@@ -204,6 +207,7 @@ class Controller:
                     self.last_seen_alive.clear()
                     self.noticed_dead.clear()
                     self.drains.forget()
+                    self._alive_seen = None
                 self.last_error = None
             except EtcdUnavailable as exc:
                 self.last_error = str(exc)
@@ -213,9 +217,26 @@ class Controller:
                 log.exception("controller pass failed")
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
             tick = FAST_TICK if self.drains.busy else TICK
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, tick - (time.monotonic() - t0)))
+            await self._wait_next(t0 + tick)
             self._wake.clear()
+
+    async def _wait_next(self, until: float) -> None:
+        """Sleep until ``until``, a wake-up, or — on the leader — a change of the alive nodes
+        (checked every ``ALIVE_CHECK_S`` with a keys-only read): a lost lease is acted on
+        within ``ALIVE_CHECK_S`` rather than a whole ``TICK``."""
+        while (left := until - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, ALIVE_CHECK_S))
+                return
+            cluster = self.member.cluster
+            if not self._is_leader() or cluster is None or self._alive_seen is None:
+                continue
+            try:
+                alive = await asyncio.to_thread(self._store().alive_nodes, cluster)
+            except (EtcdUnavailable, FerryError):
+                return  # the full pass reports it
+            if alive != self._alive_seen:
+                return
 
     # -- one pass -------------------------------------------------------------------------------
     async def run_once(self) -> Placement | None:
@@ -228,6 +249,7 @@ class Controller:
         if state.leader is None or state.leader.node != self.member.node or leader_rev is None:
             return None
         now = time.time()
+        self._alive_seen = set(state.alive)
         for n in state.nodes:
             if n in state.alive:
                 self.last_seen_alive[n] = now
@@ -249,24 +271,26 @@ class Controller:
             result = place([demand(v) for v in p.orphans], rooms(state, free, self.in_flight))
             decide_ms = (time.perf_counter() - t0) * 1000
             decided_at = time.time()
+            batch: list[tuple[ClusteredVM, int, str, ClusterEvent]] = []
             for d in result.decisions:
                 vm = state.vms[d.vm]
                 new = vm.model_copy(update={"node": d.node, "restart_pending": True})
-                ok = await asyncio.to_thread(
-                    store.reassign, cluster, new, revs[d.vm], vm.node, leader_rev
-                )
-                if not ok:  # the old owner came back, the record changed, or we lost the lead
-                    log.info("failover of %s not recorded: the cluster changed", d.vm)
-                    continue
-                self._reported.pop(d.vm, None)
                 timings = self._detect_timings(vm.node, decided_at, decide_ms)
                 ev = ClusterEvent(
                     kind="failover", vm=d.vm, node=d.node, from_node=vm.node,
                     by=self.member.node, timings=timings,
                     reason=f"node {vm.node} lost its lease; priority {d.priority}; {d.reason}",
                 )  # fmt: skip
-                await asyncio.to_thread(store.add_event, cluster, ev)
-                log.warning("failover: %s from %s to %s (%s)", d.vm, vm.node, d.node, d.reason)
+                batch.append((new, revs[d.vm], vm.node, ev))
+            # one transaction per 50 VMs: each holds only while the old owner has no lease, the
+            # record is unchanged and this node still leads (else VM by VM, see reassign_many)
+            done = set(await asyncio.to_thread(store.reassign_many, cluster, batch, leader_rev))
+            for new, _, dead, ev in batch:
+                if new.name not in done:  # the old owner came back, the record changed, or
+                    log.info("failover of %s not recorded: the cluster changed", new.name)
+                    continue  # we lost the lead
+                self._reported.pop(new.name, None)
+                log.warning("failover: %s from %s to %s (%s)", new.name, dead, new.node, ev.reason)
                 self._spawn(store, cluster, new, state, decided_at, decide_ms)
             for name, why in result.unplaced.items():
                 await self._report_once(store, cluster, name, "unplaced", why, state.vms[name].node)

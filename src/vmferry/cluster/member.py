@@ -1,14 +1,15 @@
 """A node's life in its cluster: lease, leader election and self-fencing (runs in ferryd).
 
-Timing (``cluster.lease_ttl_s`` = TTL, 6 s by default):
+Timing (``cluster.lease_ttl_s`` = TTL, 4 s by default):
 
 * every ``TICK`` (1 s) the agent renews its lease; each etcd request may take ``REQUEST_S``
   (1 s) per endpoint and a renewal tries the endpoints within ``RENEW_BUDGET_S`` (1.5 s);
 * etcd expires the lease TTL seconds after the last renewal *it received*; the agent notes
   when it *sent* each renewal that succeeded, which is earlier, so its own deadline is safe;
-* when no renewal sent in the last TTL/2 seconds succeeded, the watchdog stops (SIGKILL) every
-  clustered VM this node owns: at the latest TTL/2 + one watchdog period (0.2 s) + the kill
-  after the last good renewal, well before the lease can expire (TTL);
+* when no renewal sent in the last ``fence_after`` seconds succeeded — TTL - ``FENCE_MARGIN_S``
+  (1 s), at least TTL/2: 3 s for the default TTL — the watchdog stops (SIGKILL) every clustered
+  VM this node holds: at the latest ``fence_after`` + one watchdog period (0.2 s) + the kill
+  after the last good renewal (the fence guard: + 0.5 s), before the lease can expire (TTL);
 * the leader key is attached to the leader's lease: a dead leader's key goes with its lease
   and another node takes it on its next tick (leader moves within TTL + TICK).
 
@@ -54,6 +55,9 @@ TICK = 1.0
 REQUEST_S = 1.0
 RENEW_BUDGET_S = 1.5
 WATCHDOG_S = 0.2
+#: The fence happens this long before the lease can expire: the agent's watchdog kills within
+#: WATCHDOG_S after the deadline, the fence guard within its PERIOD + GRACE (0.5 s).
+FENCE_MARGIN_S = 1.0
 STATE_FILE = "cluster-member.json"
 #: A node re-reads its clustered VMs at least every REFRESH_TICKS..2*REFRESH_TICKS ticks even
 #: when etcd reports no change (a safety net; changes are seen on the next tick).
@@ -154,8 +158,9 @@ class ClusterMember:
 
     @property
     def fence_after(self) -> float:
-        """Seconds without a good renewal after which the node fences itself (TTL / 2)."""
-        return self.ttl / 2
+        """Seconds without a good renewal after which the node fences itself: TTL less
+        ``FENCE_MARGIN_S`` (time for the watchdog or the guard to kill), at least TTL / 2."""
+        return max(self.ttl / 2, self.ttl - FENCE_MARGIN_S)
 
     def _client(self) -> Etcd | None:
         cfg = self._settings().cluster.etcd

@@ -239,6 +239,15 @@ class ClusterStore:
         kvs = [_kv(i) for i in data.get("kvs") or []]
         return _state(keys, kvs, revision)
 
+    def alive_nodes(self, cluster: str) -> set[str]:
+        """The nodes whose lease is alive (one keys-only read: cheap enough to ask often)."""
+        prefix = Keys(check_cluster_name(cluster)).alive("")
+        data = self.etcd._post(
+            "/kv/range",
+            {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "keys_only": True},
+        )
+        return {_kv(i).key[len(prefix) :] for i in data.get("kvs") or []}
+
     def exists(self, cluster: str) -> bool:
         """True when the cluster exists."""
         return self.etcd.get(Keys(check_cluster_name(cluster)).info) is not None
@@ -663,6 +672,37 @@ class ClusterVMStore(ClusterStore):
         if completed:
             upd |= {"node": to, "restart_pending": False}
         return self.update_vm(cluster, vm.model_copy(update=upd), rev)
+
+    def reassign_many(
+        self, cluster: str, moves: list[tuple[ClusteredVM, int, str, ClusterEvent]],
+        leader_rev: int, chunk: int = 50,
+    ) -> list[str]:  # fmt: skip
+        """:meth:`reassign` for many VMs in few transactions (``chunk`` VMs each, with their
+        events): each (new record, its mod revision, the dead owner, the event). A chunk whose
+        transaction refuses is retried VM by VM, so one changed record holds back no other.
+        Returns the names recorded."""
+        keys = Keys(check_cluster_name(cluster))
+        done: list[str] = []
+        for i in range(0, len(moves), chunk):
+            part = moves[i : i + chunk]
+            txn = Txn().mod_is(keys.leader, leader_rev)
+            for dead in sorted({d for _, _, d, _ in part}):
+                txn.absent(keys.alive(dead))
+            for node in sorted({vm.node for vm, _, _, _ in part}):
+                txn.value_is(Keys.membership(node), cluster)
+            for vm, rev, _, ev in part:
+                txn.mod_is(keys.vm(vm.name), rev)
+                txn.success.append(Txn.put(keys.vm(vm.name), vm.model_dump_json()))
+                txn.success.append(Txn.put(_event_key(keys, ev), ev.model_dump_json()))
+            ok, _ = self.etcd.txn(txn)
+            if ok:
+                done += [vm.name for vm, _, _, _ in part]
+                continue
+            for vm, rev, dead, ev in part:
+                if self.reassign(cluster, vm, rev, dead, leader_rev):
+                    self.add_event(cluster, ev)
+                    done.append(vm.name)
+        return done
 
     def add_event(self, cluster: str, ev: ClusterEvent) -> None:
         """Append an event."""

@@ -93,8 +93,9 @@ class ClusterSettings(BaseModel):
     """Failover clustering on this host (``cluster.etcd`` + lease timing)."""
 
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
-    #: TTL of this node's etcd lease; the node fences itself after half of it without renewal.
-    lease_ttl_s: int = Field(default=6, ge=3, le=60)
+    #: TTL of this node's etcd lease: failover detection time. The node fences itself after
+    #: TTL - 1 s (at least TTL / 2) without a good renewal (cluster/member.py).
+    lease_ttl_s: int = Field(default=4, ge=3, le=60)
     #: How many failed-over VMs the leader's controller restarts at once (cluster/controller.py).
     failover_concurrency: int = Field(default=4, ge=1, le=64)
     #: How many live moves a drain (or failback) runs at once (cluster/planned.py); each host's
