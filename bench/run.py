@@ -1,5 +1,6 @@
 """``make bench``: benchmarks in a real lab: guest boot and save/restore, live migration,
-storage moves, quick migration; cluster placement (``--only cluster-place``, no lab).
+storage moves, quick migration, the cost of TLS (``--only tls``); cluster placement
+(``--only cluster-place``, no lab).
 
 Reports go to bench/results/<name>.md and .json (migrate also .png) with the command that
 produced them. Run as root:
@@ -139,6 +140,16 @@ def run_quick(runs: int, command: str) -> None:
     quick.report(quick.run_all(base / "lab", runs), command, runs)
 
 
+def run_tls(runs: int, command: str) -> None:
+    """The cost of encryption: moves with and without TLS on a 2-host lab (bench.tls)."""
+    from bench import tls
+
+    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
+    os.environ["FERRY_CONFIG"] = str(base / "client.json")
+    runs = max(1, min(runs, 10))
+    tls.report(tls.run_all(base / "lab", runs), command, runs)
+
+
 def run_cluster_place(runs: int, command: str) -> None:
     """Placement decisions for a 64-node, 4,000-VM cluster (pure; no lab)."""
     from bench import cluster_place
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="bench.run")
     ap.add_argument("--only", choices=("boot", "migrate", "storage", "quick", "cluster-place",
-                                       "failover", "drain", "cluster-scale"),
+                                       "failover", "drain", "cluster-scale", "tls"),
                     help="run only this benchmark")  # fmt: skip
     ap.add_argument("--runs", type=int,
                     help="repeats (default: 5 for boot, 3 for quick, else 1)")  # fmt: skip
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         run_storage(args.runs or 1, command)
     if args.only in (None, "quick"):
         run_quick(args.runs or 3, command)
+    if args.only in (None, "tls"):
+        run_tls(args.runs or 3, command)
     if args.only in (None, "cluster-place"):
         run_cluster_place(args.runs or 5, command)
     if args.only in (None, "failover"):

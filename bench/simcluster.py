@@ -43,6 +43,7 @@ from vmferry.cluster.store import ClusteredVM, ClusterStore, ClusterVMStore, Nod
 from vmferry.cluster.validate import NodeFacts
 from vmferry.cluster.volumes import VolumeCheck, VolumeCheckResult
 from vmferry.errors import NotFoundError
+from vmferry.host.events import EventLog
 from vmferry.host.settings import HostSettings
 from vmferry.host.vms import VMState
 
@@ -266,6 +267,7 @@ class SimulatedVMs:
     def __init__(self, agents: SimulatedAgents, node: str) -> None:
         self.agents, self.node = agents, node
         self.fenced: list[str] = []
+        self.events = EventLog(Path(":memory:"), node)  # the SIMULATED node's event log
 
     def state(self, name: str) -> VMState:
         got = self.agents.running.get(self.node, {}).get(name)

@@ -6,6 +6,8 @@ The tree (HTTP status the API maps each one to)::
     ├── RefusedError                400  bad input; names the field and the fix; nothing changed
     │   └── OutsideStorageRootError 400  a path that is not under the host's storage roots
     ├── AuthError                   401  no or unknown client identity
+    ├── ForbiddenError              403  the identity's role may not do this
+    ├── ThrottledError              429  too many refused requests from this address
     ├── NotFoundError               404  no such VM / job / host
     ├── ConflictError               409  the name exists, or the VM is in the wrong state
     ├── InsufficientResourcesError  409  not enough free memory or disk on the host
@@ -64,6 +66,20 @@ class AuthError(FerryError):
     code = "unauthenticated"
 
 
+class ForbiddenError(FerryError):
+    """The caller's role does not allow the request (or its certificate names no role)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class ThrottledError(FerryError):
+    """Too many refused requests from the caller's address; try again later."""
+
+    status = 429
+    code = "throttled"
+
+
 class NotFoundError(FerryError):
     """The named object does not exist."""
 
@@ -106,6 +122,8 @@ _BY_CODE: dict[str, type[FerryError]] = {
         RefusedError,
         OutsideStorageRootError,
         AuthError,
+        ForbiddenError,
+        ThrottledError,
         NotFoundError,
         ConflictError,
         InsufficientResourcesError,

@@ -25,6 +25,7 @@ from vmferry.cluster.store import (
     VolumeRecord,
 )
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
+from vmferry.host.events import EventLog
 from vmferry.host.settings import HostSettings
 from vmferry.host.vms import VMState
 
@@ -230,6 +231,7 @@ class FakeVMs:
     def __init__(self, running: set[str]) -> None:
         self.running = set(running)
         self.fenced: list[tuple[str, float]] = []
+        self.events = EventLog(Path(":memory:"), "a")
 
     def state(self, name: str) -> VMState:
         return VMState.RUNNING if name in self.running else VMState.OFF
@@ -283,12 +285,14 @@ def test_member_holds_lease_leads_and_fences_when_etcd_goes(
 
     try:
         t_cut, t_fenced = asyncio.run(scenario())
-        # the last good renewal was at most one tick before the cut: fenced by TTL/2 after it,
+        # the last good renewal was at most one tick before the cut: fenced TTL - 1 s after it,
         # which is before the lease (TTL = 4 s) could expire
         assert t_fenced - t_cut < member.ttl - 0.5
         assert [n for n, _ in vms.fenced] == ["vm1"]  # only the clustered VM
         assert "other" in vms.running
         assert member.fenced_vms == ["vm1"]
+        [ev] = vms.events.query(kind="fenced")  # and the agent's event log says so
+        assert ev.level == "error" and ev.data["vms"] == ["vm1"]
         # the list survives on disk for an agent that restarts while etcd is gone
         again = _member(tmp_path, etcd_server.url, FakeVMs(set()))
         assert again.clustered == ["vm1"] and again.cluster == "c1"

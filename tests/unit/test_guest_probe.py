@@ -282,3 +282,13 @@ def test_disk_verify_detects_damage(probe: Path, tmp_path: Path) -> None:
         fh.seek(((last - 2) % nblocks) * BLK)
         fh.write(b"\0" * BLK)
     assert run_verify(probe, disk) == (3, (last, 1, 0, 0))
+
+
+def test_udp_mark_keeps_text_in_memory(probe: Path, running: list[Probe]) -> None:
+    """``MARK <text>`` fills 4 MiB of the probe's memory with the text (migration capture test)."""
+    port = free_port()
+    p = Probe(probe, "--bind", "127.0.0.1", "--port", str(port), "udpecho")
+    running.append(p)
+    assert udp_request(port, b"MARK secret-123") == b"MARKED 4194304"
+    assert udp_request(port, b"MARK ") == b"MARK "  # no text: echoed like any datagram
+    assert udp_request(port, b"MARKING") == b"MARKING"

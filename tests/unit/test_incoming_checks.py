@@ -13,6 +13,7 @@ from vmferry.host.vms import VMManager
 from vmferry.migration.incoming import IncomingMoves, migration_addresses, version_tuple
 from vmferry.migration.model import IncomingRequest, MoveOptions
 from vmferry.migration.slots import Slots
+from vmferry.qemu.tls import X509Files
 
 
 @pytest.fixture
@@ -25,7 +26,9 @@ def dest(tmp_path: Path) -> IncomingMoves:
     )  # fmt: skip
     settings.migration.networks = ["any"]
     vms = VMManager(tmp_path / "state", lambda: settings)
-    return IncomingMoves(vms, lambda: settings, Slots(lambda: 2))
+    # The agent's certificate (never read by the checks): moves are encrypted by default.
+    tls = X509Files(tmp_path / "h2.crt", tmp_path / "h2.key", tmp_path / "ca.crt")
+    return IncomingMoves(vms, lambda: settings, Slots(lambda: 2), tls)
 
 
 def _req(tmp_path: Path, **kw: object) -> IncomingRequest:

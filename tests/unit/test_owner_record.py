@@ -168,7 +168,14 @@ def hosts(tmp_path: Path, shared: Path) -> Iterator[tuple[TestClient, TestClient
 
 
 def _tree(p: Path) -> dict[str, bytes]:
-    return {str(x.relative_to(p)): x.read_bytes() for x in sorted(p.rglob("*")) if x.is_file()}
+    """Every file under ``p`` but the audit log (which records refusals too)."""
+    return {
+        str(x.relative_to(p)): x.read_bytes()
+        for x in sorted(p.rglob("*"))
+        if x.is_file()
+        and "audit" not in x.relative_to(p).parts
+        and not x.name.startswith("events.db")
+    }
 
 
 def _create(api: TestClient, shared: Path, name: str = "vm1") -> dict[str, Any]:

@@ -27,11 +27,21 @@ class MoveAgents(FakeAgents):
         self.moves: list[tuple[str, str, str, bool]] = []
         self.refuse: set[str] = set()
         self.store: ClusterVMStore | None = None
+        self.groups: list[tuple[str, str | None, int]] = []
+        self.cancelled: list[str] = []
 
     async def start_planned_move(
-        self, url: str, vm: str, to: str, quick: bool, reason: str
+        self,
+        url: str,
+        vm: str,
+        to: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> dict[str, Any]:
         owner = self._node(url)
+        self.groups.append((vm, group, group_limit))
         if vm in self.refuse:
             raise ConflictError(f"VM {vm!r} cannot move live: a pass-through disk")
         assert self.store is not None
@@ -43,6 +53,14 @@ class MoveAgents(FakeAgents):
 
     async def migration(self, url: str, job_id: str) -> dict[str, Any]:
         return self.jobs[job_id]
+
+    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]:
+        job = self.jobs[job_id]
+        job["state"] = "cancelled"
+        self.cancelled.append(job["vm"])
+        assert self.store is not None
+        self.store.end_move("dr", job["vm"], job["owner"], job["to"], False)
+        return job
 
     def finish(self, vm: str, ok: bool = True) -> None:
         """End the VM's running job the way the owner's watcher does."""
@@ -146,20 +164,23 @@ def test_drain_moves_by_priority_within_concurrency_and_fails_back(etcd_url: str
             asyncio.run(ctl.run_once())
 
         step()
-        assert _running(agents) == ["hi1", "med1"]  # highest priority first, two at once
-        assert all(to == "n3" for _, _, to, _ in agents.moves)  # most room; n1 is paused
-        step()
-        assert _running(agents) == ["hi1", "med1"]  # nothing new while both run
-        agents.finish("hi1")
-        step()  # hi1 done: one slot, the next in order (low1 before stuck: by name)
-        assert _running(agents) == ["low1", "med1"]
-        drain = store.node_record("dr", "n1")[0].drain  # type: ignore[index]
-        assert drain is not None and drain.status == "running" and drain.moved == {"hi1": "n3"}
-        agents.finish("med1")
-        step()  # a slot: stuck's owner refuses the move; it is reported and stays
+        # every VM is asked for at once, highest priority first, in one queue group that the
+        # owner runs drain_concurrency (2) at a time; stuck's owner refuses it: reported, stays
+        assert [m[1] for m in agents.moves] == ["hi1", "med1", "low1"]
+        assert {g for _, g, _ in agents.groups} == {"drain:n1"}
+        assert {n for _, _, n in agents.groups} == {2}
+        assert {to for _, _, to, _ in agents.moves} == {"n3"}  # most room; n1 is paused
         drain = store.node_record("dr", "n1")[0].drain  # type: ignore[index]
         assert drain is not None and drain.status == "running"
-        assert "pass-through" in drain.failed["stuck"] and drain.moved["med1"] == "n3"
+        assert "pass-through" in drain.failed["stuck"]
+        step()
+        assert len(agents.moves) == 3  # nothing is asked twice
+        agents.finish("hi1")
+        agents.finish("med1")
+        step()
+        drain = store.node_record("dr", "n1")[0].drain  # type: ignore[index]
+        assert drain is not None and drain.status == "running"
+        assert drain.moved == {"hi1": "n3", "med1": "n3"}
         agents.finish("low1", ok=False)
         step()
         node = store.node_record("dr", "n1")[0]  # type: ignore[index]
@@ -259,13 +280,13 @@ def test_owner_watcher_records_outcomes_and_survives_a_restart(etcd_url: str) ->
 
     try:
         first = owner()
-        j_ok = asyncio.run(first.start("ow", "ok", "n2", "https://n2", False, "test"))
+        j_ok = asyncio.run(first.start("ow", "ok", "n2", "https://n2:7443", False, "test"))
         assert j_ok.options.vm_only and not j_ok.options.quick
-        j_bad = asyncio.run(first.start("ow", "bad", "n3", "https://n3", True, "test"))
+        j_bad = asyncio.run(first.start("ow", "bad", "n3", "https://n3:7443", True, "test"))
         assert store.vm_record("ow", "ok")[0].move_job == j_ok.id  # type: ignore[index]
         jobs.refuse = True
         with pytest.raises(ConflictError):
-            asyncio.run(first.start("ow", "refused", "n2", "https://n2", False, "test"))
+            asyncio.run(first.start("ow", "refused", "n2", "https://n2:7443", False, "test"))
         assert store.vm_record("ow", "refused")[0].moving_to is None  # type: ignore[index]
         asyncio.run(first.check_once())  # both still running: nothing recorded
         assert store.vm_record("ow", "ok")[0].moving_to == "n2"  # type: ignore[index]
@@ -290,3 +311,29 @@ def _teardown(etcd: Etcd, lease: int, name: str) -> None:
         store.remove_clustered_vm(name, v.name)
     store.destroy(name)
     etcd.close()
+
+
+def test_resume_during_a_drain_cancels_the_moves_still_queued(etcd_url: str) -> None:
+    vms = [_vm("a", "n1", priority="high"), _vm("b", "n1"), _vm("c", "n1", priority="low")]
+    etcd, lease = _setup(etcd_url, "dr", vms, ["n1", "n2", "n3"])
+    store = ClusterVMStore(etcd)
+    agents = MoveAgents({"n1": 4000, "n2": 4000, "n3": 4000})
+    agents.store = store
+    for v in vms:
+        agents.vms["n1"][v.name] = {"name": v.name, "uuid": f"uuid-{v.name}", "state": "running"}
+    ctl = _controller(etcd_url, "dr", agents)
+    moves = ClusterMoves(lambda: ClusterVMStore(etcd), agents)
+    try:
+        asyncio.run(moves.drain("dr", "n1", "admin"))
+        asyncio.run(ctl.run_once())
+        assert [m[1] for m in agents.moves] == ["a", "b", "c"]
+        # the owner runs two; the third waits in its queue
+        next(j for j in agents.jobs.values() if j["vm"] == "c")["state"] = "queued"
+        asyncio.run(moves.resume("dr", "n1", False, "admin"))
+        asyncio.run(ctl.run_once())
+        assert agents.cancelled == ["c"]  # the running ones finish; the queued one is dropped
+        assert store.vm_record("dr", "c")[0].moving_to is None  # type: ignore[index]
+        node = store.node_record("dr", "n1")[0]  # type: ignore[index]
+        assert not node.paused and node.drain is None
+    finally:
+        _teardown(etcd, lease, "dr")

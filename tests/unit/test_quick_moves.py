@@ -182,7 +182,7 @@ def test_refused_options_and_states(pair: Pair) -> None:
     h1.vms._save_runtime(spec, Runtime(expected="crashed"))
 
     def submit(**opts: Any) -> Callable[[], Any]:
-        req = MoveRequest(destination=Destination(name="h2", url="x"),
+        req = MoveRequest(destination=Destination(name="h2", url="https://h2.example:7443"),
                           options=MoveOptions(quick=True, **opts))  # fmt: skip
         return lambda: asyncio.run(h1.submit("vm1", req))
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from vmferry import __version__
 from vmferry.api.cluster_routes import LocalJobs, add_cluster_routes
+from vmferry.api.limits import install_input_limits
 from vmferry.api.peer import AgentTLS, HttpPeer
-from vmferry.errors import AuthError, FerryError, HostError, RefusedError
+from vmferry.api.security import install_security
+from vmferry.errors import FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
+from vmferry.host.events import Event, Level
 from vmferry.migration.engine import Moves, job_json
 from vmferry.migration.incoming import IncomingMoves
 from vmferry.migration.model import (
@@ -30,6 +33,7 @@ from vmferry.migration.model import (
 from vmferry.migration.quick import ImportRequest, QuickMoves, QuickRequest
 from vmferry.migration.slots import Slots
 from vmferry.migration.storage import StorageMoves
+from vmferry.qemu.tls import X509Files
 
 log = logging.getLogger("vmferry.api")
 
@@ -78,9 +82,11 @@ def create_app(
 ) -> FastAPI:
     """Build the API for ``host``. Client certificates are required unless told otherwise."""
     slots = Slots(lambda: host.settings.migration.max_concurrent)
-    incoming = IncomingMoves(host.vms, lambda: host.settings, slots)
+    # QEMU encrypts migration streams and NBD copies with the agent's own certificate.
+    x509 = X509Files(tls.cert, tls.key, tls.ca) if tls else None
+    incoming = IncomingMoves(host.vms, lambda: host.settings, slots, x509)
     moves = Moves(
-        host.vms, lambda: host.settings, slots, host.state_dir, lambda d: HttpPeer(d, tls)
+        host.vms, lambda: host.settings, slots, host.state_dir, lambda d: HttpPeer(d, tls), x509
     )
     storage = StorageMoves(moves, Slots(lambda: host.settings.storage.max_concurrent))
     quick = QuickMoves(moves, incoming, lambda d: HttpPeer(d, tls))
@@ -106,25 +112,37 @@ def create_app(
     app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
     cluster_member = add_cluster_routes(app, host, tls, LocalJobs(moves, quick))
 
-    @app.middleware("http")
-    async def identify(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        tls = request.scope.get("extensions", {}).get("tls", {})
-        identity = tls.get("client_cn")
-        if identity is None and require_client_cert:
-            return _error(
-                AuthError(
-                    "a client certificate signed by this cluster's CA is required",
-                    fix="pass --cert/--key (the lab writes them to its client config)",
-                )
-            )
-        request.state.identity = identity or "local"
-        return await call_next(request)
+    # identity, revocation, roles, throttling, audit log (api/security.py, docs/security.md)
+    install_security(app, host.state_dir, tls, require_client_cert)
+    install_input_limits(app)  # 413 over 1 MiB, error bodies (api/limits.py)
 
     @app.exception_handler(FerryError)
-    async def ferry_error(_: Request, exc: FerryError) -> JSONResponse:
+    async def ferry_error(request: Request, exc: FerryError) -> JSONResponse:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and 400 <= exc.status < 500:
+            who = getattr(request.state, "identity", None)
+            on_vm = request.url.path.startswith("/v1/vms/")
+            vm = request.path_params.get("name") if on_vm else None
+            host.vms.events.record(
+                "refused", f"{request.method} {request.url.path}: {exc.message}",
+                level="warning", vm=vm, data={"field": exc.field, "fix": exc.fix, "by": who,
+                                              "status": exc.status},
+            )  # fmt: skip
         return _error(exc)
+
+    @app.get("/v1/events")
+    async def events(
+        vm: str | None = Query(default=None, max_length=63),
+        job: str | None = Query(default=None, max_length=64),
+        level: Level | None = None,
+        kind: str | None = Query(default=None, max_length=64),
+        since: float | None = None,
+        after: int | None = Query(default=None, ge=0),
+        limit: int = Query(default=100, ge=1, le=10_000),
+    ) -> list[Event]:
+        return await asyncio.to_thread(
+            host.vms.events.query, vm=vm, job=job, level=level, kind=kind, since=since,
+            after=after, limit=limit,
+        )  # fmt: skip
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

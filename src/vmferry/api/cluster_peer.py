@@ -24,7 +24,7 @@ class HttpClusterPeer:
         try:
             async with httpx.AsyncClient(verify=self._verify, timeout=self._timeout) as http:
                 r = await http.request(method, url, json=body)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UnreachableError(
                 f"agent at {url} did not answer: {exc.__class__.__name__} {exc}",
                 fix="is ferryd running there and reachable on its management address?",
@@ -91,12 +91,29 @@ class HttpClusterPeer:
 
     # -- planned moves and drains (cluster/planned.py: MoveCalls) ---------------------------------
     async def start_planned_move(
-        self, url: str, vm: str, to: str, quick: bool, reason: str
+        self,
+        url: str,
+        vm: str,
+        to: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> dict[str, Any]:
         """Ask the VM's owner to mark and start a planned move; its answer holds the job."""
-        body = {"to": to, "quick": quick, "reason": reason}
+        body = {
+            "to": to, "quick": quick, "reason": reason, "group": group,
+            "group_limit": group_limit,
+        }  # fmt: skip
         result: dict[str, Any] = await self._call(
             "POST", f"{url.rstrip('/')}/v1/cluster/vms/{vm}/planned-move", body
+        )
+        return result
+
+    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]:
+        """Cancel a migration job on that agent."""
+        result: dict[str, Any] = await self._call(
+            "POST", f"{url.rstrip('/')}/v1/migrations/{job_id}/cancel"
         )
         return result
 

@@ -24,6 +24,7 @@ from vmferry.host import Host
 from vmferry.migration.engine import Moves, job_json
 from vmferry.migration.model import Job, MoveRequest
 from vmferry.migration.quick import QuickMoves
+from vmferry.validation import MAX_ITEMS, PathText
 
 #: Agent calls of the failover controller may wait for an import (which asks the old owner).
 CONTROLLER_CALL_S = 60.0
@@ -32,16 +33,16 @@ CONTROLLER_CALL_S = 60.0
 class ValidateRequest(BaseModel):
     """``POST /v1/cluster/validate``: a cluster's nodes and volumes, or the given ones."""
 
-    cluster: str | None = None
-    nodes: list[NodeRef] = []
-    volumes: list[str] = []
+    cluster: str | None = Field(default=None, max_length=32)
+    nodes: list[NodeRef] = Field(default=[], max_length=MAX_ITEMS)
+    volumes: list[PathText] = Field(default=[], max_length=MAX_ITEMS)
 
 
 class ClusterMoveBody(BaseModel):
     """``POST /v1/cluster/vms/{name}/move``: to a node, or the best possible one."""
 
-    cluster: str | None = None
-    to: str | None = None
+    cluster: str | None = Field(default=None, max_length=32)
+    to: str | None = Field(default=None, max_length=63)
     best: bool = False
     quick: bool = False
 
@@ -49,10 +50,12 @@ class ClusterMoveBody(BaseModel):
 class PlannedMoveBody(BaseModel):
     """Agent → owner agent: mark and start the planned move."""
 
-    to: str
+    to: str = Field(min_length=1, max_length=63)
     quick: bool = False
     reason: str = Field(default="planned move", max_length=300)
-    cluster: str | None = None
+    group: str | None = Field(default=None, max_length=100)
+    group_limit: int = Field(default=0, ge=0, le=64)
+    cluster: str | None = Field(default=None, max_length=32)
 
 
 class ResumeBody(BaseModel):
@@ -84,8 +87,8 @@ class LocalJobs:
 class VolumePath(BaseModel):
     """``POST /v1/cluster/volumes``."""
 
-    path: str
-    cluster: str | None = None
+    path: PathText
+    cluster: str | None = Field(default=None, max_length=32)
 
 
 def add_cluster_routes(
@@ -209,7 +212,10 @@ def add_cluster_routes(
         node = state.nodes.get(body.to)
         if node is None:
             raise RefusedError(f"{body.to!r} is not a node of cluster {cluster!r}", field="to")
-        job = await owner.start(cluster, name, body.to, node.url, body.quick, body.reason)
+        job = await owner.start(
+            cluster, name, body.to, node.url, body.quick, body.reason, body.group,
+            body.group_limit,
+        )  # fmt: skip
         return {"job": job_json(job)}
 
     @app.post("/v1/cluster/{name}/nodes/{node}/drain", status_code=202)

@@ -44,7 +44,7 @@ class HttpPeer:
             r = await self._http.request(
                 method, path, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UnreachableError(
                 f"destination agent {self.dest.name} ({self.dest.url}) did not answer: {exc}",
                 fix="is ferryd running there and reachable on its management address?",

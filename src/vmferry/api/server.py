@@ -19,14 +19,17 @@ from vmferry.host import Host
 DEFAULT_PORT = 7443
 
 
-def _peer_cn(transport: asyncio.BaseTransport) -> str | None:
+def _peer_cert(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    """The verified client certificate (``ssl.SSLSocket.getpeercert``'s dict), or None."""
     sslobj = transport.get_extra_info("ssl_object")
     if sslobj is None:
         return None
     cert = sslobj.getpeercert()
-    if not cert:
-        return None
-    for rdn in cert.get("subject", ()):
+    return dict(cert) if cert else None
+
+
+def _peer_cn(cert: dict[str, Any] | None) -> str | None:
+    for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
@@ -34,15 +37,17 @@ def _peer_cn(transport: asyncio.BaseTransport) -> str | None:
 
 
 class _TLSIdentityProtocol(H11Protocol):
-    """h11 protocol that hands the verified client certificate's CN to the app."""
+    """h11 protocol that hands the verified client certificate (and its CN) to the app."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        cn = _peer_cn(transport)
+        cert = _peer_cert(transport)
+        cn = _peer_cn(cert)
         inner = self.app
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
-            scope.setdefault("extensions", {})["tls"] = {"client_cn": cn}
+            # the certificate's role and serial are checked by api/security.py
+            scope.setdefault("extensions", {})["tls"] = {"client_cn": cn, "peer_cert": cert}
             await inner(scope, receive, send)
 
         self.app = app
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         http=_TLSIdentityProtocol,
         log_level=args.log_level,
         access_log=False,
+        proxy_headers=False,  # the peer address is the audit log's "from where": never rewrite it
         lifespan="on",
     )
     uvicorn.Server(config).run()

@@ -368,17 +368,36 @@ def host_set(
 def mignet_list(output: OutputOpt = None) -> None:
     """Show the migration networks, in the order they are tried."""
     with _client() as c:
-        nets = c.settings()["migration"]["networks"]
-        _emit(nets, output, lambda ns: out.print("\n".join(f"{i}. {n}" for i, n in
-                                                             enumerate(ns, 1))))  # fmt: skip
+        mig = c.settings()["migration"]
+        trusted = set(mig.get("trusted_networks") or [])
+        nets = [{"network": n, "trusted": n in trusted} for n in mig["networks"]]
+        _emit(nets, output, lambda ns: out.print("\n".join(
+            f"{i}. {n['network']}" + (" (trusted: --no-encryption allowed)" if n["trusted"] else "")
+            for i, n in enumerate(ns, 1))))  # fmt: skip
 
 
 @mignet_app.command("add")
 def mignet_add(
     cidr: Annotated[str, typer.Argument(help="a CIDR, or 'any'")],
     position: Annotated[int | None, typer.Option(help="1 = tried first")] = None,
+    trusted: Annotated[
+        bool,
+        typer.Option(
+            "--trusted/--untrusted", help="an isolated network where moves may run unencrypted"
+        ),
+    ] = False,
 ) -> None:
     """Add a migration network (replaces 'any' when it is the only entry)."""
+    import ipaddress
+
+    if cidr != "any":
+        try:
+            cidr = str(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            _fail(FerryError(f"{cidr!r} is not a CIDR (or 'any')", field="cidr"))
+    if trusted and cidr == "any":
+        _fail(FerryError("'any' cannot be trusted", field="--trusted",
+                         fix="name the network: migration-network add CIDR --trusted"))  # fmt: skip
     with _client() as c:
         mig = dict(c.settings()["migration"])
         nets = [n for n in mig["networks"] if n != "any" or cidr == "any"]
@@ -386,8 +405,16 @@ def mignet_add(
             nets.remove(cidr)
         nets.insert((position - 1) if position else len(nets), cidr)
         mig["networks"] = nets
+        kept = [n for n in mig.get("trusted_networks") or [] if n in nets and n != cidr]
+        mig["trusted_networks"] = [*kept, cidr] if trusted else kept
         new = c.update_settings(migration=mig)
-        out.print("migration networks: " + ", ".join(new["migration"]["networks"]))
+        _print_networks(new["migration"])
+
+
+def _print_networks(mig: dict[str, Any]) -> None:
+    trusted = set(mig.get("trusted_networks") or [])
+    out.print("migration networks: " + ", ".join(
+        n + (" (trusted)" if n in trusted else "") for n in mig["networks"]))  # fmt: skip
 
 
 @mignet_app.command("remove")
@@ -398,11 +425,12 @@ def mignet_remove(cidr: str) -> None:
         if cidr not in mig["networks"]:
             _fail(FerryError(f"{cidr} is not a migration network here", field="cidr"))
         mig["networks"] = [n for n in mig["networks"] if n != cidr]
+        mig["trusted_networks"] = [n for n in mig.get("trusted_networks") or [] if n != cidr]
         if not mig["networks"]:
             _fail(FerryError("a host needs at least one migration network", field="cidr",
                              fix="add another first, or use --migration-disabled"))  # fmt: skip
         new = c.update_settings(migration=mig)
-        out.print("migration networks: " + ", ".join(new["migration"]["networks"]))
+        _print_networks(new["migration"])
 
 
 # -- move ------------------------------------------------------------------------------------
@@ -460,6 +488,13 @@ def move(
         bool, typer.Option("--quick", help="save to the shared volume, restore on the destination")
     ] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once started")] = False,
+    no_encryption: Annotated[
+        bool,
+        typer.Option(
+            "--no-encryption",
+            help="clear-text stream; only over a migration network marked trusted",
+        ),
+    ] = False,
     output: OutputOpt = None,
 ) -> None:
     """Live-move a running VM to another host (shared storage or shared-nothing)."""
@@ -487,6 +522,7 @@ def move(
             "timeout_s": timeout,
             "on_timeout": on_timeout,
             "quick": quick,
+            "encryption": not no_encryption,
         },
     }
     with _client() as c:
@@ -556,6 +592,12 @@ def _watch(c: FerryClient, job_id: str, quiet: bool) -> dict[str, Any]:
             _time.sleep(0.2)
 
 
+def _encryption_word(encrypted: bool | None) -> str:
+    if encrypted is None:
+        return "encryption -"
+    return "encrypted (TLS)" if encrypted else "unencrypted"
+
+
 def _job_show(job: dict[str, Any]) -> None:
     if job.get("kind") == "storage":
         _storage_job_show(job)
@@ -575,6 +617,7 @@ def _job_show(job: dict[str, Any]) -> None:
     color = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state, "white")
     out.print(
         f"[{color}]{state}[/] — mode {job.get('mode')}, transport {job.get('transport')}, "
+        f"{_encryption_word(job.get('encrypted'))}, "
         f"address {job.get('address')}, total {job.get('total_s')} s, QEMU downtime "
         f"{job.get('qemu_downtime_ms')} ms (the source's view; the guest's blackout is longer)"
     )
@@ -1181,6 +1224,107 @@ def cluster_events(
     _emit(evs, output, _events_table)
 
 
+# -- event logs (host/events.py) -----------------------------------------------------------------
+def _events_of(hosts: list[str], **filters: Any) -> list[dict[str, Any]]:
+    """Events of the named hosts, merged by time (a host that does not answer is reported)."""
+    cfg = load_config()
+    rows: list[dict[str, Any]] = []
+    for name in hosts:
+        ep = cfg.hosts.get(name)
+        if ep is None:
+            _fail(FerryError(f"unknown host {name!r}", field="--host",
+                             fix="known: " + ", ".join(sorted(cfg.hosts))))  # fmt: skip
+            raise AssertionError
+        try:
+            with FerryClient(ep, timeout=10) as c:
+                rows += c.events(**filters)
+        except FerryError as exc:
+            err.print(f"[yellow]{name}: {exc.message}[/]")
+    return sorted(rows, key=lambda e: (e["at"], e["host"], e["id"]))
+
+
+def _events_print(rows: list[dict[str, Any]]) -> None:
+    colors = {"error": "red", "warning": "yellow", "debug": "dim"}
+    for e in rows:
+        t = time.strftime("%H:%M:%S", time.localtime(e["at"])) + f".{int(e['at'] % 1 * 1000):03d}"
+        c = colors.get(e["level"])
+        lvl = f"[{c}]{e['level']:<7}[/]" if c else f"{e['level']:<7}"
+        where = " ".join(x for x in (e.get("vm"), e.get("job")) if x)
+        out.print(f"{t} {e['host']:<6} {lvl} {e['kind']:<18} {where} {e['message']}",
+                  highlight=False)  # fmt: skip
+
+
+@app.command("events")
+def events_cmd(
+    hosts: Annotated[
+        list[str] | None, typer.Option("--host", help="only these hosts (default: every host)")
+    ] = None,
+    vm: Annotated[str | None, typer.Option("--vm")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="a migration job id")] = None,
+    level: Annotated[
+        str | None, typer.Option("--level", help="debug | info | warning | error (and above)")
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--kind")] = None,
+    since: Annotated[float | None, typer.Option("--since", help="seconds ago (e.g. 3600) ")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 100,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events")
+    ] = False,
+    output: OutputOpt = None,
+) -> None:
+    """What the hosts did and refused: moves and their phases, refusals, failovers, fences."""
+    names = hosts or ([G.host] if G.host else sorted(load_config().hosts))
+    flt: dict[str, Any] = {"vm": vm, "job": job, "level": level, "kind": kind,
+                           "since": time.time() - since if since else None}  # fmt: skip
+    rows = _events_of(names, **flt, limit=limit)
+    if not follow:
+        _emit(rows, output, _events_print)
+        return
+    json_out = (output or G.output) is Output.json
+    last = {n: 0 for n in names}
+    for e in rows:
+        last[e["host"]] = max(last.get(e["host"], 0), e["id"])
+        sys.stdout.write(json.dumps(e) + "\n") if json_out else _events_print([e])
+    try:
+        while True:  # until Ctrl-C
+            time.sleep(1.0)
+            for n in names:
+                new = _events_of([n], **flt, after=last.get(n, 0), limit=1000)
+                for e in new:
+                    last[n] = max(last.get(n, 0), e["id"])
+                    sys.stdout.write(json.dumps(e) + "\n") if json_out else _events_print([e])
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return
+
+
+@cluster_app.command("log")
+def cluster_log(
+    copy: Annotated[Path, typer.Option("--copy", help="directory to write <node>.jsonl into")],
+    cluster: ClusterOpt = None,
+    since: Annotated[float | None, typer.Option("--since", help="seconds ago")] = None,
+) -> None:
+    """Gather every node's event log into a directory (one JSON-lines file per node)."""
+    with _client() as c:
+        st = c.cluster_status(cluster)
+    cfg = load_config()
+    copy.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for n in st["nodes"]:
+        if n["name"] not in cfg.hosts:
+            missing.append(n["name"])
+            continue
+        rows = _events_of([n["name"]], since=time.time() - since if since else None,
+                          limit=10_000)  # fmt: skip
+        path = copy / f"{n['name']}.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in rows))
+        out.print(f"{n['name']}: {len(rows)} events → {path}")
+    (copy / "cluster.json").write_text(json.dumps(st, indent=1) + "\n")
+    if missing:
+        err.print(f"[yellow]not in the client config, not gathered: {', '.join(missing)}[/]")
+        raise typer.Exit(1)
+
+
 # -- planned moves, drain, resume (cluster/planned.py) -------------------------------------------
 @cluster_app.command("move")
 def cluster_move(
@@ -1301,6 +1445,272 @@ def cluster_resume(
     )
     if d.get("status") != "done":
         raise typer.Exit(1)
+
+
+# -- security: CA, certificates, revocation, audit log (docs/security.md) ----------------------
+ca_app = typer.Typer(help="The CA of your hosts and users.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+cert_app = typer.Typer(help="Issue, list and revoke certificates.", no_args_is_help=True)
+app.add_typer(cert_app, name="cert")
+issue_app = typer.Typer(help="Issue a host or user certificate.", no_args_is_help=True)
+cert_app.add_typer(issue_app, name="issue")
+
+
+def _default_ca_dir() -> Path:
+    return Path.home() / ".config" / "vmferry" / "ca"
+
+
+CaDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-dir",
+        envvar="FERRY_CA_DIR",
+        help="the CA's directory (default ~/.config/vmferry/ca)",
+    ),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="where NAME.crt and NAME.key go (default CA-DIR/certs)"),
+]
+DaysOpt = Annotated[int, typer.Option("--days", min=1, max=3650, help="validity in days")]
+
+
+def _ca(ca_dir: Path | None) -> Any:
+    from vmferry.security import CertificateAuthority
+
+    return CertificateAuthority(ca_dir or _default_ca_dir())
+
+
+def _issued(paths: Any, ca: Any, output: Output | None) -> None:
+    row = next(c for c in reversed(ca.certificates()) if c["path"] == str(paths.cert.resolve()))
+    data = {**row, "key": str(paths.key), "ca": str(paths.ca)}
+    _emit(
+        data,
+        output,
+        lambda d: out.print(
+            f"issued {d['name']} (role {d['role']}, serial {d['serial']}): "
+            f"{d['path']}, key {d['key']}"
+        ),
+    )
+
+
+@ca_app.command("init")
+def ca_init(
+    directory: Annotated[Path | None, typer.Argument(help="default ~/.config/vmferry/ca")] = None,
+    name: Annotated[str, typer.Option("--name", help="the CA's common name")] = "vmferry CA",
+) -> None:
+    """Create a CA (ca.crt, ca.key, index.json, crl.pem); an existing one is kept."""
+    from vmferry.security import CertificateAuthority
+
+    d = directory or _default_ca_dir()
+    existed = (d / "ca.key").exists()
+    ca = CertificateAuthority.create(d, name)
+    out.print(
+        f"{'kept the existing' if existed else 'created a'} CA in {d}: give every agent "
+        f"{ca.cert_path} as --tls-ca; keep {ca.key_path} private"
+    )
+
+
+@issue_app.command("host")
+def cert_issue_host(
+    name: str,
+    ip: Annotated[list[str], typer.Option("--ip", help="an address the agent is reached on")],
+    dns: Annotated[list[str] | None, typer.Option("--dns", help="a DNS name of the host")] = None,
+    ca_dir: CaDirOpt = None,
+    out_dir: OutDirOpt = None,
+    days: DaysOpt = 825,
+    output: OutputOpt = None,
+) -> None:
+    """Issue an agent's certificate (role host): server and client, names and addresses."""
+    import ipaddress
+
+    for a in ip:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            _fail(FerryError(f"{a!r} is not an IP address", field="--ip", fix="--ip 192.0.2.10"))
+    try:
+        ca = _ca(ca_dir)
+        paths = ca.issue(
+            out_dir or ca.dir / "certs", name, role="host",
+            server_names=[*ip, *(dns or [])], days=days,
+        )  # fmt: skip
+    except FerryError as exc:
+        _fail(exc)
+    _issued(paths, ca, output)
+
+
+class RoleChoice(StrEnum):
+    """The roles a user certificate may carry."""
+
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+
+
+@issue_app.command("user")
+def cert_issue_user(
+    name: str,
+    role: Annotated[RoleChoice, typer.Option("--role", help="viewer, operator or admin")],
+    ca_dir: CaDirOpt = None,
+    out_dir: OutDirOpt = None,
+    days: DaysOpt = 365,
+    output: OutputOpt = None,
+) -> None:
+    """Issue a user's client certificate with a role (docs/security.md: the roles table)."""
+    try:
+        ca = _ca(ca_dir)
+        paths = ca.issue(out_dir or ca.dir / "certs", name, role=role.value, days=days)
+    except FerryError as exc:
+        _fail(exc)
+    _issued(paths, ca, output)
+
+
+def _cert_table(rows: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("NAME", "ROLE", "SERIAL", "STATE", "EXPIRES", "NAMES"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["name"],
+            r["role"] or "-",
+            r["serial"],
+            r["state"],
+            time.strftime("%Y-%m-%d", time.gmtime(r["not_after"])),
+            ", ".join(r["names"]) or "-",
+        )
+    out.print(t)
+
+
+@cert_app.command("list")
+def cert_list(ca_dir: CaDirOpt = None, output: OutputOpt = None) -> None:
+    """Every certificate the CA issued: role, serial, valid / expired / revoked."""
+    ca = _ca(ca_dir)
+    if not ca.exists():
+        _fail(FerryError(f"no CA in {ca.dir}", field="--ca-dir", fix=f"ferry ca init {ca.dir}"))
+    _emit(ca.certificates(), output, _cert_table)
+
+
+def _push_crl(pem: str) -> dict[str, str]:
+    """PUT the CRL to every host of the client configuration; host → "ok" or the error."""
+    results: dict[str, str] = {}
+    for name, ep in sorted(load_config().hosts.items()):
+        try:
+            with FerryClient(ep, timeout=10) as c:
+                got = c.request("PUT", "/v1/security/crl", json={"crl": pem})
+            results[name] = f"ok (CRL number {got['crl']['number']})"
+        except FerryError as exc:
+            results[name] = f"failed: {exc}"
+    return results
+
+
+def _push_report(results: dict[str, str], output: Output | None, head: dict[str, Any]) -> None:
+    data = {**head, "hosts": results}
+
+    def render(d: dict[str, Any]) -> None:
+        for k, v in head.items():
+            out.print(f"{k}: {v}")
+        if not results:
+            out.print("no hosts in the client configuration: nothing pushed")
+        for host, res in results.items():
+            out.print(f"  {host}: {res}")
+
+    _emit(data, output, render)
+    if any(not r.startswith("ok") for r in results.values()):
+        err.print("some hosts did not take the revocation list; fix: ferry cert push-crl")
+        raise typer.Exit(1)
+
+
+@cert_app.command("revoke")
+def cert_revoke(
+    name_or_serial: Annotated[str, typer.Argument(metavar="NAME|SERIAL")],
+    reason: Annotated[str, typer.Option("--reason", help="kept in the CA's index")] = "",
+    push: Annotated[
+        bool, typer.Option("--push/--no-push", help="send the CRL to every configured host")
+    ] = True,
+    ca_dir: CaDirOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Revoke by name (every valid certificate of it) or serial; push the CRL to the hosts."""
+    ca = _ca(ca_dir)
+    try:
+        done = ca.revoke(name_or_serial, reason)
+    except FerryError as exc:
+        _fail(exc)
+    head = {"revoked": ", ".join(f"{c['name']} ({c['serial']})" for c in done)}
+    _push_report(_push_crl(ca.crl_pem()) if push else {}, output, head)
+
+
+@cert_app.command("push-crl")
+def cert_push_crl(ca_dir: CaDirOpt = None, output: OutputOpt = None) -> None:
+    """Send the CA's current revocation list to every host of the client configuration."""
+    ca = _ca(ca_dir)
+    if not ca.exists():
+        _fail(FerryError(f"no CA in {ca.dir}", field="--ca-dir", fix=f"ferry ca init {ca.dir}"))
+    _push_report(_push_crl(ca.crl_pem()), output, {"crl": str(ca.crl_path)})
+
+
+def _since(text: str) -> float:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO date/time, as a Unix time."""
+    import datetime as dt
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        _fail(FerryError(f"--since {text!r}: not a duration or date", field="--since",
+                         fix="--since 30m, 2h, 7d or 2026-01-31T12:00"))  # fmt: skip
+        raise
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.timestamp()
+
+
+def _audit_table(rows: list[dict[str, Any]]) -> None:
+    t = Table()
+    for col in ("TIME", "WHO", "ROLE", "FROM", "REQUEST", "STATUS", "OUTCOME"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])),
+            r.get("cn") or "-",
+            r.get("role") or "-",
+            r.get("address") or "-",
+            f"{r['method']} {r['path']}",
+            str(r["status"]),
+            r["outcome"] + (f": {r['message']}" if r.get("message") else ""),
+        )
+    out.print(t)
+
+
+@app.command("audit")
+def audit(
+    since: Annotated[str | None, typer.Option("--since", help="30m, 2h, 7d or a date")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 200,
+    who: Annotated[str | None, typer.Option("--who", help="only this certificate name")] = None,
+    output: OutputOpt = None,
+) -> None:
+    """The host's audit log: every mutating or refused call (admin only)."""
+    from urllib.parse import urlencode
+
+    params: dict[str, Any] = {"limit": limit}
+    if since:
+        params["since"] = _since(since)
+    if who:
+        params["cn"] = who
+    with _client() as c:
+        rows = c.request("GET", f"/v1/audit?{urlencode(params)}")
+    _emit(rows, output, _audit_table)
+
+
+@app.command("whoami")
+def whoami(output: OutputOpt = None) -> None:
+    """The identity a host sees for your certificate: name, role, address."""
+    with _client() as c:
+        me = c.request("GET", "/v1/security/whoami")
+    _emit(me, output, lambda d: _kv(d, "you, as the host sees you"))
 
 
 def main() -> None:

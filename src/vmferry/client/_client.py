@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -243,6 +244,14 @@ class FerryClient:
         """Clustered VMs with their owner and properties."""
         q = f"?cluster={cluster}" if cluster else ""
         result: list[dict[str, Any]] = self.request("GET", f"/v1/cluster/vms{q}")
+        return result
+
+    def events(self, **filters: Any) -> list[dict[str, Any]]:
+        """This agent's events (filters: vm, job, level, kind, since, after, limit)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        result: list[dict[str, Any]] = self.request(
+            "GET", "/v1/events?" + urllib.parse.urlencode(params)
+        )
         return result
 
     def cluster_vm_move(

@@ -63,9 +63,17 @@ class AgentCalls(Protocol):
     async def import_vm(self, url: str, path: str) -> dict[str, Any]: ...
     async def start_vm(self, url: str, name: str) -> dict[str, Any]: ...
     async def start_planned_move(
-        self, url: str, vm: str, to: str, quick: bool, reason: str
+        self,
+        url: str,
+        vm: str,
+        to: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> dict[str, Any]: ...
     async def migration(self, url: str, job_id: str) -> dict[str, Any]: ...
+    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -290,6 +298,7 @@ class Controller:
                     log.info("failover of %s not recorded: the cluster changed", new.name)
                     continue  # we lost the lead
                 self._reported.pop(new.name, None)
+                self._local(ev)
                 log.warning("failover: %s from %s to %s (%s)", new.name, dead, new.node, ev.reason)
                 self._spawn(store, cluster, new, state, decided_at, decide_ms)
             for name, why in result.unplaced.items():
@@ -350,8 +359,22 @@ class Controller:
         self._reported.pop(vm.name, None)
         ev = ClusterEvent(kind=kind, vm=vm.name, node=new.node, from_node=vm.node,
                           by=self.member.node, reason=why)  # fmt: skip
-        await asyncio.to_thread(store.add_event, cluster, ev)
+        await self._event(store, cluster, ev)
         log.warning("cluster %s: %s: %s", cluster, vm.name, why)
+
+    async def _event(self, store: ClusterVMStore, cluster: str, ev: ClusterEvent) -> None:
+        """A cluster event: in etcd (``cluster events``) and in this agent's event log."""
+        await asyncio.to_thread(store.add_event, cluster, ev)
+        self._local(ev)
+
+    def _local(self, ev: ClusterEvent) -> None:
+        events = getattr(getattr(self.member, "vms", None), "events", None)
+        if events is not None:
+            level = "warning" if ev.kind in ("failover", "unplaced", "restart-failed") else "info"
+            events.record(
+                f"cluster-{ev.kind}", f"{ev.vm or ''}: {ev.reason}".strip(": "), level=level,
+                vm=ev.vm, data={"node": ev.node, "from": ev.from_node, **ev.timings},
+            )  # fmt: skip
 
     def _detect_timings(self, node: str, decided_at: float, decide_ms: float) -> dict[str, float]:
         seen = self.last_seen_alive.get(node)
@@ -374,7 +397,7 @@ class Controller:
             return
         self._reported[vm] = f"{kind}:{why}"
         ev = ClusterEvent(kind=kind, vm=vm, from_node=node, reason=why, by=self.member.node)
-        await asyncio.to_thread(store.add_event, cluster, ev)
+        await self._event(store, cluster, ev)
         log.warning("failover: %s %s: %s", vm, kind, why)
 
     # -- restart on the new node ----------------------------------------------------------------
@@ -410,7 +433,7 @@ class Controller:
                         kind="restart-failed", vm=vm.name, node=vm.node, by=self.member.node,
                         reason=f"{exc.message} (retried in {RETRY_S:.0f} s)",
                     )  # fmt: skip
-                    await asyncio.to_thread(store.add_event, cluster, ev)
+                    await self._event(store, cluster, ev)
                     log.error("failover: restart of %s on %s failed: %s", vm.name, vm.node, exc)
                     return
                 started = time.time()
@@ -428,7 +451,7 @@ class Controller:
                 ev = ClusterEvent(kind="restarted", vm=vm.name, node=vm.node,
                                   by=self.member.node, timings=timings,
                                   reason=f"imported from {vm.storage_dir} and started")  # fmt: skip
-                await asyncio.to_thread(store.add_event, cluster, ev)
+                await self._event(store, cluster, ev)
                 log.warning("failover: %s runs on %s", vm.name, vm.node)
         except EtcdUnavailable as exc:
             log.error("failover of %s: etcd unavailable: %s", vm.name, exc)

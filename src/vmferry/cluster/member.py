@@ -345,6 +345,10 @@ class ClusterMember:
         if guard.running_guard(self.state_dir) is not None:
             guard.write_orders(self.state_dir, 0.0, [])  # nothing left for it to stop
         log.error("cluster: node %s fenced itself (%s); stopped %s", self.node, reason, stopped)
+        self.vms.events.record(
+            "fenced", f"node {self.node} fenced itself ({reason}); stopped {stopped or 'no VM'}",
+            level="error", data={"vms": stopped, "cluster": self.cluster},
+        )  # fmt: skip
         if self.cluster is not None:
             self.fence_pending = FenceRecord(
                 node=self.node, at=self.fenced_at, vms=stopped, reason=reason

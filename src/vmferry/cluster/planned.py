@@ -15,10 +15,11 @@ runs twice and never goes missing, even when a node dies in the middle:
 
 A drain (:class:`Drains`, run by the leader's controller) pauses a node — paused nodes receive
 no VMs — and moves its clustered VMs, highest priority first, to the best possible nodes with
-at most ``cluster.drain_concurrency`` moves at once: running VMs live, stopped ones by a quick
-move (their configuration changes owner). A VM that cannot move is reported in the drain record
-and the events and keeps running where it is. ``resume --failback`` moves the VMs the drain moved
-back to the node the same way.
+at most ``cluster.drain_concurrency`` moves at once (all are asked for at once, in order, in
+one queue group the owner enforces, so a freed slot is used at once): running VMs live,
+stopped ones by a quick move (their configuration changes owner). A VM that cannot move is
+reported in the drain record and the events and keeps running where it is.
+``resume --failback`` moves the VMs the drain moved back to the node the same way.
 """
 
 from __future__ import annotations
@@ -99,13 +100,24 @@ class OwnerMoves:
             self._task = None
 
     async def start(
-        self, cluster: str, vm: str, to: str, to_url: str, quick: bool, reason: str
+        self,
+        cluster: str,
+        vm: str,
+        to: str,
+        to_url: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> Job:
-        """Mark and start the move of this node's clustered VM ``vm`` to node ``to``."""
+        """Mark and start the move of this node's clustered VM ``vm`` to node ``to`` (in a
+        queue group: at most ``group_limit`` of the group's moves run at once)."""
         store, here = self._store(), self._node()
         await asyncio.to_thread(store.begin_move, cluster, vm, here, to)
         w = _Watched(cluster, vm, to, None, reason, time.time())
-        opts = MoveOptions(quick=quick, vm_only=not quick)
+        opts = MoveOptions(
+            quick=quick, vm_only=not quick, queue_group=group, group_limit=group_limit
+        )
         try:
             job = await self.moves.submit(
                 vm, MoveRequest(destination=Destination(name=to, url=to_url), options=opts)
@@ -200,9 +212,17 @@ class MoveCalls(Protocol):
     async def host_info(self, url: str) -> dict[str, Any]: ...
     async def vm(self, url: str, name: str) -> dict[str, Any] | None: ...
     async def start_planned_move(
-        self, url: str, vm: str, to: str, quick: bool, reason: str
+        self,
+        url: str,
+        vm: str,
+        to: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> dict[str, Any]: ...
     async def migration(self, url: str, job_id: str) -> dict[str, Any]: ...
+    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]: ...
 
 
 async def free_memory(calls: MoveCalls, state: ClusterState) -> dict[str, int]:
@@ -310,8 +330,12 @@ class Drains:
         running = {n for n, r in state.nodes.items() if r.drain and r.drain.status == "running"}
         self.busy = bool(running)
         for vm, a in list(self.active.items()):
-            if a.drain_node not in running:  # resumed meanwhile: the move goes on by itself
-                del self.active[vm]
+            if a.drain_node not in running:  # resumed meanwhile: moves under way finish,
+                del self.active[vm]  # the ones still queued at the owner are cancelled
+                with contextlib.suppress(FerryError):
+                    job = await self.calls.migration(a.owner_url, a.job_id)
+                    if job.get("state") == "queued":
+                        await self.calls.cancel_migration(a.owner_url, a.job_id)
         for name, rec in sorted(state.nodes.items()):
             if rec.drain is not None and rec.drain.status == "running":
                 await self._one(store, cluster, state, name, free)
@@ -335,11 +359,12 @@ class Drains:
         for vm in self._lost(state, node, drain, mine):
             drain.failed[vm.name] = "its move ended while another node led the cluster"
             changed = True
-        todo = self._todo(state, node, drain, mine)
-        cap = max(1, self._concurrency()) - len(mine)
+        # Every VM left is asked for at once, in order, in one queue group per drain: the owner
+        # runs at most drain_concurrency of them at a time and starts the next the moment one
+        # ends (migration/slots.py), with no wait for this loop.
+        wave = self._todo(state, node, drain, mine)
         starts: list[tuple[ClusteredVM, str]] = []
-        if todo and cap > 0:
-            wave = todo[:cap]
+        if wave:
             targets = self._targets(state, wave, node, drain, await free())
             for vm in wave:
                 to, why = targets[vm.name]
@@ -362,7 +387,7 @@ class Drains:
                 return  # changed meanwhile (a resume?): look again next pass
             changed = False
             for vm, to in starts:
-                err = await self._start(state, vm, to, node, drain.kind)
+                err = await self._start(state, vm, to, node, drain.kind, self._concurrency())
                 if err is not None:
                     drain.failed[vm.name] = err
                     changed = True
@@ -451,7 +476,7 @@ class Drains:
         return out
 
     async def _start(
-        self, state: ClusterState, vm: ClusteredVM, to: str, node: str, kind: str
+        self, state: ClusterState, vm: ClusteredVM, to: str, node: str, kind: str, limit: int
     ) -> str | None:
         owner = state.nodes.get(vm.node)
         if owner is None:
@@ -460,7 +485,7 @@ class Drains:
             info = await self.calls.vm(owner.url, vm.name)
             quick = info is not None and info.get("state") not in ("running", "paused")
             res = await self.calls.start_planned_move(
-                owner.url, vm.name, to, quick, f"{kind} of {node}"
+                owner.url, vm.name, to, quick, f"{kind} of {node}", f"{kind}:{node}", limit
             )
         except FerryError as exc:
             return exc.message

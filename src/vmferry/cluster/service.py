@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from vmferry.cluster.etcd import EtcdUnavailable
 from vmferry.cluster.member import ClusterMember, etcd_for
@@ -29,20 +29,26 @@ from vmferry.cluster.validate import ValidateApi, validate
 from vmferry.cluster.volumes import VolumeCheckResult, add_volume, volume_summary
 from vmferry.errors import FerryError, HostError, RefusedError
 from vmferry.host.settings import HostSettings
+from vmferry.validation import AGENT_URL_RE, MAX_ITEMS, check_agent_url
 
 
 class NodeRef(BaseModel):
     """A node named in a request, with the URL of its agent."""
 
-    name: str
-    url: str
+    name: str = Field(min_length=1, max_length=63)
+    url: str = Field(min_length=1, max_length=300, json_schema_extra={"pattern": AGENT_URL_RE})
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_agent_url(v)
 
 
 class ClusterCreate(BaseModel):
     """``POST /v1/cluster``: refused when validation fails, unless ``force``."""
 
-    name: str
-    nodes: list[NodeRef] = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=32)
+    nodes: list[NodeRef] = Field(min_length=1, max_length=MAX_ITEMS)
     force: bool = False
 
 

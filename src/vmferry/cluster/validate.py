@@ -23,9 +23,9 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from vmferry.cluster.volumes import MARKER, NodeApi, VolumeCheck
 from vmferry.errors import FerryError
@@ -56,7 +56,9 @@ class NodeFacts(BaseModel):
 class ReachRequest(BaseModel):
     """``POST /v1/cluster/reach``: addresses this node should try to reach."""
 
-    addresses: list[str]
+    addresses: list[Annotated[str, StringConstraints(min_length=1, max_length=45)]] = Field(
+        max_length=64
+    )
 
 
 class Check(BaseModel):

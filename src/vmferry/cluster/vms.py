@@ -32,22 +32,23 @@ from vmferry.cluster.store import (
 from vmferry.errors import ConflictError, FerryError, HostError, NotFoundError, RefusedError
 from vmferry.host.settings import HostSettings
 from vmferry.host.vms import VMManager
+from vmferry.validation import MAX_ITEMS, ShortText
 
 
 class VMProperties(BaseModel):
     """The properties ``cluster vm add`` and ``cluster vm set`` take (None: leave as is)."""
 
     priority: Priority | None = None
-    preferred: list[str] | None = None
-    possible: list[str] | None = None
+    preferred: list[ShortText] | None = Field(default=None, max_length=MAX_ITEMS)
+    possible: list[ShortText] | None = Field(default=None, max_length=MAX_ITEMS)
     anti_affinity: str | None = Field(default=None, max_length=64)
 
 
 class VMAdd(VMProperties):
     """``POST /v1/cluster/vms``: make a VM of this host clustered."""
 
-    name: str
-    cluster: str | None = None
+    name: str = Field(min_length=1, max_length=63)
+    cluster: str | None = Field(default=None, max_length=32)
 
 
 def _within(path: str, root: str) -> bool:

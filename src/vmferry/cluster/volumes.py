@@ -15,10 +15,11 @@ import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vmferry.cluster.store import ClusterState, ClusterStore, VolumeRecord, check_volume_path
 from vmferry.errors import FerryError, RefusedError
+from vmferry.validation import PathText
 
 MARKER = ".vmferry-volume-check-"
 
@@ -26,8 +27,9 @@ MARKER = ".vmferry-volume-check-"
 class VolumeCheck(BaseModel):
     """``POST /v1/cluster/volume-check``: what one node is asked to verify."""
 
-    path: str
-    token: str
+    path: PathText
+    #: Hex (secrets.token_hex): it becomes part of a file name, so no "/" nor "..".
+    token: str = Field(pattern=r"^[0-9a-f]{1,64}$")
 
 
 class VolumeCheckResult(BaseModel):
@@ -64,6 +66,11 @@ def check_here(node: str, check: VolumeCheck, storage_roots: list[str]) -> Volum
             f"{path} on {node} is not the same volume (the check's marker file is not there)",
             f"mount the same shared file system at {path} on {node}",
         )
+    if not any(path.is_relative_to(r) for r in storage_roots):  # before writing anything
+        return fail(
+            f"{path} is not inside a storage root of {node}",
+            f"add it on {node}: ferry --host {node} host set --add-storage-root {path}",
+        )
     probe = path / f"{MARKER}{check.token}-{node}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -77,11 +84,6 @@ def check_here(node: str, check: VolumeCheck, storage_roots: list[str]) -> Volum
         return fail(
             f"{node} cannot write to {path}: {exc.strerror}",
             f"make {path} writable by root on {node}",
-        )
-    if not any(path.is_relative_to(r) for r in storage_roots):
-        return fail(
-            f"{path} is not inside a storage root of {node}",
-            f"add it on {node}: ferry --host {node} host set --add-storage-root {path}",
         )
     return VolumeCheckResult(node=node, ok=True, message="sees the volume and can write to it")
 

@@ -13,6 +13,7 @@
  *   --hb-ms N         heartbeat period in ms (default 500)
  *   --ack-ms N        minimum ms between FERRY-DISK-ACK lines (default 250)
  *   --disk-pace-us N  pause between disk blocks in us (default 2000)
+ *   udpecho also answers "STAT" (counters) and "MARK <text>" (fills 4 MiB with <text>)
  *   --once-verify     verify the disk/file, print FERRY-DISK-VERIFY, exit
  *                     (exit 0 = clean, 3 = gaps or corrupt blocks, 1 = error)
  *   --guest           really power the machine off in the power role; without
@@ -302,6 +303,29 @@ static int open_listener(const struct opts *o, int type)
 	return fd;
 }
 
+/*
+ * "MARK <text>" (udpecho): keep <text> in guest memory, repeated over MARK_BYTES, until the
+ * next MARK replaces it. Tests look for it in captures of the migration link.
+ */
+#define MARK_BYTES (4u << 20)
+
+static size_t mark_memory(const uint8_t *text, size_t len)
+{
+	static volatile uint8_t *mark;
+	if (len == 0)
+		return 0;
+	if (!mark) {
+		void *m = mmap(NULL, MARK_BYTES, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (m == MAP_FAILED)
+			return 0;
+		mark = m;
+	}
+	for (size_t i = 0; i < MARK_BYTES; i++)
+		mark[i] = text[i % len];
+	return MARK_BYTES;
+}
+
 static int role_udpecho(const struct opts *o)
 {
 	int fd = open_listener(o, SOCK_DGRAM);
@@ -320,7 +344,12 @@ static int role_udpecho(const struct opts *o)
 		const void *reply = buf;
 		size_t rlen = (size_t)n;
 		char stat[256];
-		if (n >= 4 && memcmp(buf, "STAT", 4) == 0) {
+		if (n > 5 && memcmp(buf, "MARK ", 5) == 0) {
+			size_t filled = mark_memory(buf + 5, (size_t)n - 5);
+			int k = snprintf(stat, sizeof stat, "MARKED %zu", filled);
+			reply = stat;
+			rlen = (size_t)k;
+		} else if (n >= 4 && memcmp(buf, "STAT", 4) == 0) {
 			int k = snprintf(stat, sizeof stat,
 					 "STAT hb=%llu disk_ack=%llu dirty_rounds=%llu uptime_ms=%llu",
 					 (unsigned long long)sh_load(&g_sh->hb),

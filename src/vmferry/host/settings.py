@@ -10,9 +10,11 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from vmferry.errors import RefusedError
+from vmferry.host.spec import MAX_MEMORY_MIB
+from vmferry.validation import MAX_ITEMS, PathText
 
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 SWITCH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -42,7 +44,10 @@ class MigrationSettings(BaseModel):
 
     enabled: bool = True
     #: Ordered CIDRs the host migrates over; "any" allows every address.
-    networks: list[str] = Field(default_factory=lambda: ["any"])
+    networks: list[str] = Field(default_factory=lambda: ["any"], max_length=MAX_ITEMS)
+    #: Migration networks (CIDRs among ``networks``) the admin marks trusted: only over
+    #: these may a move run unencrypted (``--no-encryption``).
+    trusted_networks: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(default=2, ge=1, le=64)
     transport: Literal["tcp", "compression", "multichannel"] = "tcp"
     streams: int = Field(default=4, ge=1, le=64)
@@ -64,6 +69,37 @@ class MigrationSettings(BaseModel):
                 raise ValueError(f"migration network {n!r} is not a CIDR (or 'any')") from exc
         return out
 
+    @field_validator("trusted_networks")
+    @classmethod
+    def _trusted(cls, v: list[str]) -> list[str]:
+        out = []
+        for n in v:
+            try:
+                net = str(ipaddress.ip_network(n, strict=False))
+            except ValueError as exc:
+                raise ValueError(
+                    f"trusted migration network {n!r} must be a CIDR ('any' cannot be trusted)"
+                ) from exc
+            if net not in out:
+                out.append(net)
+        return out
+
+    @model_validator(mode="after")
+    def _trusted_are_networks(self) -> MigrationSettings:
+        stray = [n for n in self.trusted_networks if n not in self.networks]
+        if stray:
+            raise ValueError(
+                f"trusted network {stray[0]} is not one of the migration networks "
+                f"({', '.join(self.networks)}); add it with "
+                f"ferry host migration-network add {stray[0]} --trusted"
+            )
+        return self
+
+    def trusted(self, address: str) -> bool:
+        """True when ``address`` lies inside a migration network marked trusted."""
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(n) for n in self.trusted_networks)
+
 
 class StorageSettings(BaseModel):
     """Storage moves on this host (``ferry host set --storage-max-concurrent``)."""
@@ -75,7 +111,7 @@ class StorageSettings(BaseModel):
 class EtcdSettings(BaseModel):
     """Where the cluster's etcd is: endpoints and the TLS files to reach it."""
 
-    endpoints: list[str] = Field(default_factory=list)
+    endpoints: list[str] = Field(default_factory=list, max_length=MAX_ITEMS)
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -138,9 +174,9 @@ class HostSettingsUpdate(BaseModel):
     """A partial update; fields left out keep their value."""
 
     accelerator: Literal["kvm", "tcg"] | None = None
-    storage_roots: list[str] | None = None
-    switches: dict[str, SwitchSpec] | None = None
-    memory_reserve_mib: int | None = Field(default=None, ge=0)
+    storage_roots: list[PathText] | None = Field(default=None, max_length=MAX_ITEMS)
+    switches: dict[str, SwitchSpec] | None = Field(default=None, max_length=MAX_ITEMS)
+    memory_reserve_mib: int | None = Field(default=None, ge=0, le=MAX_MEMORY_MIB)
     migration: MigrationSettings | None = None
     storage: StorageSettings | None = None
     cluster: ClusterSettings | None = None

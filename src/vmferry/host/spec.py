@@ -9,7 +9,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -18,6 +18,16 @@ CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+-]{0,127}$")
 PROBE_ROLES = ("heartbeat", "udpecho", "tcpecho", "dirty", "disk", "power")
 CONFIG_FILE = "vm.json"
 STATE_FILE = "saved.vmstate"
+
+#: Bounds every request is checked against (and the OpenAPI spec shows).
+MIN_MEMORY_MIB = 16
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+MAX_DISK_MIB = 16 * 1024 * 1024  # 16 TiB per disk
+MAX_DISKS = 16
+MAX_NICS = 8
+MAX_PATH_LEN = 1024
+#: x86 Linux's COMMAND_LINE_SIZE.
+MAX_CMDLINE_LEN = 2048
 
 
 def check_vm_name(name: str) -> str:
@@ -29,11 +39,23 @@ def check_vm_name(name: str) -> str:
     return name
 
 
+def check_path_text(value: str | None, field: str) -> str | None:
+    """Refuse a path with control characters (NUL, newline, ...); the storage checks do the rest."""
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field} must not contain control characters")
+    return value
+
+
 class DiskCreate(BaseModel):
     """A new qcow2 disk to create with the VM."""
 
-    name: str | None = None
-    size_mib: int = Field(ge=1, le=16 * 1024 * 1024)
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        json_schema_extra={"pattern": DISK_NAME_RE.pattern},
+    )
+    size_mib: int = Field(ge=1, le=MAX_DISK_MIB)
 
     @field_validator("name")
     @classmethod
@@ -46,8 +68,8 @@ class DiskCreate(BaseModel):
 class NicCreate(BaseModel):
     """A NIC on a named virtual switch; the MAC is generated when left out."""
 
-    switch: str
-    mac: str | None = None
+    switch: str = Field(min_length=1, max_length=32)
+    mac: str | None = Field(default=None, max_length=17)
 
     @field_validator("mac")
     @classmethod
@@ -65,18 +87,35 @@ class NicCreate(BaseModel):
 class ProbeSpec(BaseModel):
     """The lab guest: its address and the probe roles it runs (kernel command line)."""
 
-    ip: str | None = None
-    gateway: str | None = None
-    roles: list[str] = Field(default_factory=lambda: ["heartbeat", "udpecho", "tcpecho", "power"])
-    dirty: str | None = None
+    ip: str | None = Field(default=None, max_length=18)
+    gateway: str | None = Field(default=None, max_length=15)
+    roles: list[str] = Field(
+        default_factory=lambda: ["heartbeat", "udpecho", "tcpecho", "power"],
+        max_length=len(PROBE_ROLES),
+    )
+    dirty: str | None = Field(default=None, max_length=32)
 
     @field_validator("ip")
     @classmethod
     def _ip(cls, v: str | None) -> str | None:
         if v is not None:
-            iface = ipaddress.ip_interface(v)
-            if iface.version != 4 or "/" not in v:
+            try:
+                iface = ipaddress.ip_interface(v)
+            except ValueError:
+                iface = None
+            if iface is None or iface.version != 4 or "/" not in v:
                 raise ValueError("ip must be IPv4 with a prefix length, e.g. 198.18.2.11/24")
+        return v
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, v: str | None) -> str | None:
+        # It goes on the guest's kernel command line: only a plain address may.
+        if v is not None:
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError as exc:
+                raise ValueError("gateway must be an IPv4 address, e.g. 198.18.2.1") from exc
         return v
 
     @field_validator("roles")
@@ -99,9 +138,15 @@ class BootSpec(BaseModel):
     """How the VM boots: the built-in probe guest, a kernel + initrd, or its first disk."""
 
     kind: Literal["probe", "kernel", "disk"] = "probe"
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
+    #: Files under the host's storage roots (checked when the VM is created).
+    kernel: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_LEN)
+    initrd: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_LEN)
+    cmdline: str | None = Field(default=None, max_length=MAX_CMDLINE_LEN)
+
+    @field_validator("kernel", "initrd", "cmdline")
+    @classmethod
+    def _text(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_path_text(v, f"boot.{info.field_name}")
 
     @model_validator(mode="after")
     def _kernel_needed(self) -> BootSpec:
@@ -113,21 +158,26 @@ class BootSpec(BaseModel):
 class VMCreate(BaseModel):
     """A request to create a VM (``POST /v1/vms``)."""
 
-    name: str
-    memory_mib: int = Field(default=256)
+    name: str = Field(min_length=1, max_length=63, json_schema_extra={"pattern": NAME_RE.pattern})
+    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     vcpus: int = Field(default=1, ge=1, le=64)
-    cpu_model: str = "qemu64"
-    disks: list[DiskCreate] = Field(default_factory=list)
-    nics: list[NicCreate] = Field(default_factory=list)
+    cpu_model: str = Field(default="qemu64", min_length=1, max_length=128)
+    disks: list[DiskCreate] = Field(default_factory=list, max_length=MAX_DISKS)
+    nics: list[NicCreate] = Field(default_factory=list, max_length=MAX_NICS)
     boot: BootSpec = Field(default_factory=BootSpec)
     probe: ProbeSpec | None = None
-    storage_dir: str | None = None
+    storage_dir: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_LEN)
     allow_postcopy: bool = True
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_vm_name(v)
+
+    @field_validator("storage_dir")
+    @classmethod
+    def _storage_dir(cls, v: str | None) -> str | None:
+        return check_path_text(v, "storage_dir")
 
     @field_validator("cpu_model")
     @classmethod

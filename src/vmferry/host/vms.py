@@ -35,6 +35,7 @@ from vmferry.errors import (
     RefusedError,
 )
 from vmferry.host import network
+from vmferry.host.events import EventLog
 from vmferry.host.owner import OWNER_FILE, OwnerRecord, image_lock_holder, read_owner, write_owner
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import (
@@ -150,6 +151,8 @@ class VMManager:
         self._settings = settings
         self._image = image
         self._registry_path = state_dir / "vms.json"
+        #: What this host did and refused (``ferry events``): host/events.py.
+        self.events = EventLog(state_dir / "events.db", lambda: self._settings().name)
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: dict[str, VMState] = {}
         #: Specs of incoming VMs whose configuration file (on a shared volume) still belongs to
@@ -370,7 +373,8 @@ class VMManager:
                     ("boot.kernel", req.boot.kernel),
                     ("boot.initrd", req.boot.initrd),
                 ):
-                    if val and not Path(val).is_file():
+                    # QEMU (root) reads these into guest memory: only files under the roots.
+                    if val and not resolve_under_roots(val, settings.storage_roots, fld).is_file():
                         raise RefusedError(
                             f"{fld}: no file {val}",
                             field=fld,
@@ -410,7 +414,11 @@ class VMManager:
                 probe=req.probe,
                 allow_postcopy=req.allow_postcopy,
             )
-            created_dir = not storage_dir.exists()
+            # The top-most folder this request creates: a failure removes it and all below.
+            created_dir: Path | None = None
+            probe = storage_dir
+            while not probe.exists():
+                created_dir, probe = probe, probe.parent
             made: list[Path] = []
             try:
                 storage_dir.mkdir(parents=True, exist_ok=True)
@@ -431,8 +439,8 @@ class VMManager:
             except BaseException:
                 for p in made:
                     p.unlink(missing_ok=True)
-                if created_dir:
-                    shutil.rmtree(storage_dir, ignore_errors=True)
+                if created_dir is not None:
+                    shutil.rmtree(created_dir, ignore_errors=True)
                 raise
             self._save_runtime(spec, Runtime())
             self._claim(spec)

@@ -1,7 +1,8 @@
 """The lab: N vmferry hosts on one machine, each a network namespace running its own ferryd.
 
-``Lab.up`` builds the network (:mod:`vmferry.lab.net`), a CA with a certificate per agent and
-one for the admin, a state directory and storage per host, a shared volume every host sees,
+``Lab.up`` builds the network (:mod:`vmferry.lab.net`), a CA with a certificate per agent (role
+host) and user certificates ``pki/admin|operator|viewer.crt`` (with those roles; the client
+configuration uses admin), a state directory and storage per host, a shared volume every host sees,
 starts the agents and writes the client configuration so ``ferry --host h1 ...`` works.
 ``Lab.down`` removes all of it from the lab's own records, also after a crash.
 """
@@ -35,7 +36,7 @@ from vmferry.lab import net
 from vmferry.lab.procs import spawn_in_netns, stop_pid
 from vmferry.lab.records import LabRecords, pid_matches
 from vmferry.qemu import QemuProcess
-from vmferry.security import CertificateAuthority
+from vmferry.security import CertificateAuthority, Role
 
 log = logging.getLogger("vmferry.lab")
 
@@ -203,7 +204,9 @@ class Lab:
         except net.LabNetError as exc:
             raise HostError(f"lab network: {exc}") from exc
         ca = CertificateAuthority.create(self.dir / "pki", f"vmferry lab {tag} CA")
-        admin = ca.issue(self.dir / "pki", "admin")
+        admin = ca.issue(self.dir / "pki", "admin", role=Role.admin)
+        for role in (Role.viewer, Role.operator):  # for tests of the roles (docs/security.md)
+            ca.issue(self.dir / "pki", role.value, role=role)
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         members = self._up_etcd(records, topo, ca, admin.cert, admin.key, etcd_members)
         endpoints_etcd = [m.client_url for m in members]
@@ -214,7 +217,7 @@ class Lab:
             storage = hdir / "storage"
             state.mkdir(parents=True, exist_ok=True)
             storage.mkdir(parents=True, exist_ok=True)
-            ca.issue(hdir / "tls", h.name, server_names=[h.mgmt_ip, h.name])
+            ca.issue(hdir / "tls", h.name, role=Role.host, server_names=[h.mgmt_ip, h.name])
             settings = {
                 "name": h.name,
                 "accelerator": "tcg",

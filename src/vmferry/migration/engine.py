@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from vmferry import __version__
 from vmferry.errors import ConflictError, FerryError, HostError, NotFoundError, RefusedError
+from vmferry.host.events import Level
 from vmferry.host.host import cpu_info
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import VMSpec
@@ -38,13 +40,17 @@ from vmferry.migration.model import (
     PhaseRecord,
 )
 from vmferry.migration.qemu_ops import (
+    disable_tls,
     disk_node,
+    enable_tls,
     mirror_until_ready,
+    nbd_client_args,
     set_capabilities,
     set_stream_limits,
 )
 from vmferry.migration.slots import Slots
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+from vmferry.qemu.tls import X509Files, prepare_creds_dir
 
 log = logging.getLogger("vmferry.migration")
 
@@ -118,10 +124,14 @@ class Moves:
         slots: Slots,
         state_dir: Path,
         peers: PeerFactory,
+        tls: X509Files | None = None,
     ) -> None:
         self.vms = vms
         self._settings = settings
         self.slots = slots
+        #: The agent's own certificate: what the source QEMU presents (TLS client).
+        self._tls = tls
+        self._creds_dir = state_dir / "tls" / "qemu"
         self.dir = state_dir / "migrations"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._peers = peers
@@ -138,6 +148,8 @@ class Moves:
             except ValueError:
                 continue
             self.jobs[job.id] = job
+        #: Jobs whose outcome event is written (those found ended on disk had theirs).
+        self._ended: set[str] = {j.id for j in self.jobs.values() if j.state.terminal}
 
     # -- records ---------------------------------------------------------------------------
     def _save(self, job: Job, force: bool = True) -> None:
@@ -148,6 +160,8 @@ class Moves:
         tmp = self.dir / f"{job.id}.tmp"
         tmp.write_text(job.model_dump_json(indent=1))
         os.replace(tmp, self.dir / f"{job.id}.json")
+        if job.state.terminal and job.finished_at is not None:
+            self._outcome(job)
 
     def _enter(self, job: Job, phase: Phase) -> None:
         now = time.time()
@@ -157,6 +171,31 @@ class Moves:
         job.phase = phase
         self._save(job)
         log.info("move %s of %s: %s", job.id, job.vm, phase.value)
+        self.vms.events.record(
+            "migration-phase", f"{job.kind} move {job.id} of {job.vm} to {job.destination}: "
+            f"{phase.value}", vm=job.vm, job=job.id, level="debug" if job.kind != "live"
+            or phase not in (Phase.SWITCHOVER, Phase.POSTCOPY) else "info",
+            data={"phase": phase.value, "kind": job.kind},
+        )  # fmt: skip
+
+    def _outcome(self, job: Job) -> None:
+        """One event when a job ends: completed, failed (with why) or cancelled."""
+        if job.id in self._ended:
+            return
+        self._ended.add(job.id)
+        state = job.state.value
+        why = f": {job.error.message}" if job.error else ""
+        took = f" in {job.total_s:.1f} s" if job.total_s is not None else ""
+        levels: dict[str, Level] = {"completed": "info", "cancelled": "warning"}
+        level = levels.get(state, "error")
+        self.vms.events.record(
+            f"migration-{state}", f"{job.kind} move {job.id} of {job.vm} to {job.destination} "
+            f"{state}{took}{why}", vm=job.vm, job=job.id,
+            level=level,
+            data={"kind": job.kind, "total_s": job.total_s, "downtime_ms": job.downtime_ms,
+                  "qemu_downtime_ms": job.qemu_downtime_ms, "phase": job.phase.value,
+                  "fix": job.error.fix if job.error else None},
+        )  # fmt: skip
 
     def all(self) -> list[Job]:
         """All jobs, newest first."""
@@ -208,8 +247,36 @@ class Moves:
                 message=f"from {s.name} to {req.destination.name}",
                 fix=None if req.destination.name != s.name else "pick another host",
             ),
+            self._encryption_check(req),
         ]
         return res
+
+    def _encryption_check(self, req: MoveRequest) -> CheckResult:
+        """TLS needs this agent's certificate; clear text needs a network marked trusted."""
+        s = self._settings()
+        if req.options.encryption:
+            ok = self._tls is not None
+            return CheckResult(
+                name="encryption",
+                ok=ok,
+                message="the memory stream and disk copy are encrypted (TLS, host certificates)"
+                if ok
+                else f"{s.name}'s agent has no certificate for QEMU's TLS",
+                fix=None if ok else "start ferryd with --tls-cert, --tls-key and --tls-ca",
+            )
+        trusted = s.migration.trusted_networks
+        return CheckResult(
+            name="encryption",
+            ok=bool(trusted),
+            message=f"unencrypted (--no-encryption): {s.name} trusts {', '.join(trusted)}"
+            if trusted
+            else "encryption: --no-encryption is allowed only over a migration network marked "
+            f"trusted, and {s.name} trusts none of its migration networks",
+            fix=None
+            if trusted
+            else f"mark the network trusted: ferry --host {s.name} host migration-network add "
+            "CIDR --trusted; or move without --no-encryption",
+        )
 
     def _incoming_request(self, job: Job, spec: VMSpec, dry_run: bool) -> IncomingRequest:
         s = self._settings()
@@ -257,6 +324,7 @@ class Moves:
             "ok": all(c.ok for c in checks),
             "checks": [c.model_dump() for c in checks],
             "mode": plan.mode,
+            "encrypted": req.options.encryption,
             "storage_dir": plan.storage_dir,
             "disks": plan.disks,
             "bytes_to_move": disk_bytes + ram_bytes,
@@ -276,7 +344,8 @@ class Moves:
                 )  # fmt: skip
         failing = [c for c in self._local_checks(spec, req) if not c.ok]
         if failing:
-            raise RefusedError(failing[0].message, field="vm", fix=failing[0].fix)
+            field = "encryption" if failing[0].name == "encryption" else "vm"
+            raise RefusedError(failing[0].message, field=field, fix=failing[0].fix)
         job = Job(vm=name, source=self._settings().name, destination=req.destination.name,
                   destination_url=req.destination.url, options=req.options)  # fmt: skip
         job.phases.append(PhaseRecord(phase=Phase.QUEUED, started_at=time.time()))
@@ -338,6 +407,7 @@ class Moves:
                         plan = await self._setup(job, spec, peer)
                         prepared = True
                         address = await self._choose_address(job, plan)
+                        await self._stream_security(job, q, plan)
                         await peer.start(job.id, address)
                         if plan.mirrored:
                             self._enter(job, Phase.MIRROR)
@@ -413,7 +483,10 @@ class Moves:
         )
 
     async def _queue(self, job: Job) -> None:
-        waiter = asyncio.ensure_future(self.slots.acquire(job.id))
+        opts = job.options
+        waiter = asyncio.ensure_future(
+            self.slots.acquire(job.id, opts.queue_group, opts.group_limit)
+        )
         try:
             while not waiter.done():
                 job.queue_position = self.slots.position(job.id)
@@ -455,10 +528,43 @@ class Moves:
         job.transport = req.transport
         return plan
 
+    async def _stream_security(self, job: Job, q: QmpSession, plan: IncomingPlan) -> None:
+        """TLS on the source QEMU (client side), or clear text when the move asked for it."""
+        if plan.encrypted != job.options.encryption:
+            raise MoveFailed(
+                f"{job.destination} prepared an {'encrypted' if plan.encrypted else 'unencrypted'}"
+                " stream, not what the move asked for",
+                f"upgrade vmferry on {job.destination}",
+            )
+        if job.options.encryption:
+            if self._tls is None:
+                raise MoveFailed(
+                    "this agent has no certificate for QEMU's TLS",
+                    "start ferryd with --tls-cert, --tls-key and --tls-ca",
+                )
+            creds = await asyncio.to_thread(prepare_creds_dir, self._tls, self._creds_dir)
+            await enable_tls(q, creds, "client", _tls_hostname(job))
+        else:
+            await disable_tls(q)
+        job.encrypted = job.options.encryption
+        self._save(job)
+
     async def _choose_address(self, job: Job, plan: IncomingPlan) -> str:
         """The first destination migration address this host can open a connection to."""
         tried = []
-        for addr in plan.candidates:
+        candidates = plan.candidates
+        if not job.options.encryption:
+            s = self._settings()
+            candidates = [a for a in candidates if s.migration.trusted(a)]
+            if not candidates:
+                raise MoveFailed(
+                    "encryption: --no-encryption is allowed only over a migration network "
+                    f"marked trusted; {s.name} trusts none of the destination's addresses "
+                    f"({', '.join(plan.candidates)})",
+                    f"mark that network trusted: ferry --host {s.name} host migration-network "
+                    "add CIDR --trusted; or move without --no-encryption",
+                )
+        for addr in candidates:
             try:
                 _, w = await asyncio.wait_for(asyncio.open_connection(addr, plan.port), 3.0)
                 w.close()
@@ -474,10 +580,10 @@ class Moves:
     async def _mirror(self, job: Job, q: QmpSession, plan: IncomingPlan, address: str) -> None:
         mirrors = []
         for disk in plan.mirrored:
-            await q.execute("blockdev-add", {
-                "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
-                "server": {"type": "inet", "host": address, "port": str(plan.nbd_port)},
-            })  # fmt: skip
+            await q.execute("blockdev-add", nbd_client_args(
+                f"nbd-{disk}", disk, address, plan.nbd_port, bool(job.encrypted),
+                _tls_hostname(job),
+            ))  # fmt: skip
             # The disk's node changes name after a storage move: look it up by its device.
             mirrors.append((f"mirror-{disk}", await disk_node(q, disk), f"nbd-{disk}"))
 
@@ -705,6 +811,8 @@ class Moves:
                     await asyncio.sleep(0.05)
         await _drop_mirrors(q)
         with contextlib.suppress(QmpError):
+            await disable_tls(q)  # a later save (migrate fd:) must not expect TLS
+        with contextlib.suppress(QmpError):
             st = await q.status()
             # Never resume the source once post-copy started: the guest already ran on the
             # destination and the two copies of its memory differ.
@@ -875,6 +983,12 @@ class _PeerWatch:
         if self.task is not None:
             self.task.cancel()
             self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _tls_hostname(job: Job) -> str | None:
+    """The name the destination QEMU's certificate must carry: the host part of the
+    destination agent's URL, which the agents' own mutual TLS already checks."""
+    return urlsplit(job.destination_url).hostname
 
 
 async def _drop_mirrors(q: QmpSession) -> None:

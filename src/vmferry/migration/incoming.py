@@ -24,9 +24,15 @@ from vmferry.host.spec import CONFIG_FILE, DiskSpec, NicSpec, VMSpec
 from vmferry.host.storage import resolve_under_roots
 from vmferry.host.vms import VMManager, VMState
 from vmferry.migration.model import CheckResult, IncomingPlan, IncomingRequest
-from vmferry.migration.qemu_ops import set_capabilities
+from vmferry.migration.qemu_ops import (
+    disable_tls,
+    enable_tls,
+    nbd_server_args,
+    set_capabilities,
+)
 from vmferry.migration.slots import Slots
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+from vmferry.qemu.tls import X509Files, prepare_creds_dir
 
 log = logging.getLogger("vmferry.migration")
 
@@ -79,10 +85,18 @@ class Incoming:
 class IncomingMoves:
     """Receives VMs on this host."""
 
-    def __init__(self, vms: VMManager, settings: Callable[[], HostSettings], slots: Slots) -> None:
+    def __init__(
+        self,
+        vms: VMManager,
+        settings: Callable[[], HostSettings],
+        slots: Slots,
+        tls: X509Files | None = None,
+    ) -> None:
         self.vms = vms
         self._settings = settings
         self.slots = slots
+        #: The agent's own certificate: what the destination QEMU presents (TLS server).
+        self._tls = tls
         self.active: dict[str, Incoming] = {}
         self._dir = vms.state_dir / "incoming"
 
@@ -287,6 +301,27 @@ class IncomingMoves:
                 + ", ".join(s.migration.networks),
                 f"ferry --host {s.name} host migration-network add CIDR",
             )
+            if req.options.encryption:
+                add(
+                    "encryption",
+                    self._tls is not None,
+                    "the memory stream and disk copy are encrypted (TLS, host certificates)"
+                    if self._tls is not None
+                    else f"{s.name}'s agent has no certificate for QEMU's TLS",
+                    "start ferryd with --tls-cert, --tls-key and --tls-ca",
+                )
+            elif cands:
+                cands = [c for c in cands if s.migration.trusted(c)]
+                add(
+                    "encryption",
+                    bool(cands),
+                    f"unencrypted (--no-encryption) over trusted network(s) at {', '.join(cands)}"
+                    if cands
+                    else "encryption: --no-encryption is allowed only over a migration network "
+                    f"marked trusted, and {s.name} trusts none of its migration networks",
+                    f"mark the network trusted: ferry --host {s.name} host migration-network "
+                    "add CIDR --trusted; or move without --no-encryption",
+                )
             plan = IncomingPlan(
                 job_id=req.job_id,
                 mode="shared" if mode == "shared" else "shared-nothing",
@@ -294,6 +329,7 @@ class IncomingMoves:
                 disks=disks,
                 mirrored=mirrored,
                 candidates=cands,
+                encrypted=req.options.encryption,
             )
         if plan is not None:
             plan.checks = res
@@ -386,6 +422,15 @@ class IncomingMoves:
         cfg = await self.vms.launch_incoming(spec.name)
         async with qmp_session(cfg.qmp_socket) as q:
             await set_capabilities(q, req.transport, req.streams, req.postcopy, incoming=True)
+            if plan.encrypted:
+                if self._tls is None:
+                    raise HostError("this agent has no certificate for QEMU's TLS")
+                creds = await asyncio.to_thread(
+                    prepare_creds_dir, self._tls, self.vms.state_dir / "tls" / "qemu"
+                )
+                await enable_tls(q, creds, "server")
+            else:
+                await disable_tls(q)
         for addr in plan.candidates:
             with contextlib.suppress(OSError):
                 server = await asyncio.start_server(
@@ -421,9 +466,8 @@ class IncomingMoves:
                 if inc.plan.mirrored:
                     await q.execute(
                         "nbd-server-start",
-                        {"addr": {"type": "inet", "data": {"host": address,
-                                                           "port": str(inc.plan.nbd_port)}}},
-                    )  # fmt: skip
+                        nbd_server_args(address, inc.plan.nbd_port, inc.plan.encrypted),
+                    )
                     for disk in inc.plan.mirrored:
                         await q.execute(
                             "block-export-add",
@@ -474,6 +518,9 @@ class IncomingMoves:
             if inc.plan.mirrored:
                 with contextlib.suppress(QmpError):
                     await q.execute("nbd-server-stop")
+            if inc.plan.encrypted:
+                with contextlib.suppress(QmpError):
+                    await disable_tls(q)  # the stream is done; a later save needs no TLS
         await self._close_oob(inc)
         info = self.vms.commit_incoming(name, paused, started_at)
         self.active.pop(job_id, None)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from vmferry.host.spec import VMSpec
+from vmferry.validation import AGENT_URL_RE, MAX_ITEMS, PathText, ShortText, check_agent_url
 
 Transport = Literal["tcp", "compression", "multichannel"]
 Policy = Literal["auto", "precopy", "postcopy"]
@@ -49,17 +50,23 @@ class JobState(StrEnum):
 class Destination(BaseModel):
     """Where to: the destination agent's name and URL (from the caller's client config)."""
 
-    name: str
-    url: str
+    name: str = Field(min_length=1, max_length=63)
+    url: str = Field(min_length=1, max_length=300, json_schema_extra={"pattern": AGENT_URL_RE})
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_agent_url(v)
 
 
 class MoveOptions(BaseModel):
     """How to move (``ferry move`` options); unset fields take the host's defaults."""
 
-    storage_path: str | None = None
-    disk_map: dict[str, str] = Field(default_factory=dict)
+    storage_path: PathText | None = None
+    #: disk name (or the source file's path) -> destination file.
+    disk_map: dict[PathText, PathText] = Field(default_factory=dict, max_length=MAX_ITEMS)
     vm_only: bool = False
-    switch_map: dict[str, str] = Field(default_factory=dict)
+    switch_map: dict[ShortText, ShortText] = Field(default_factory=dict, max_length=MAX_ITEMS)
     transport: Transport | None = None
     streams: int | None = Field(default=None, ge=1, le=64)
     bandwidth_mbps: int | None = Field(default=None, ge=1)
@@ -79,6 +86,14 @@ class MoveOptions(BaseModel):
     #: Quick migration (``--quick``): save the VM's state to the shared volume, hand the VM
     #: over, restore it on the destination (see ``migration/quick.py``).
     quick: bool = False
+    #: Moves of one group run at most ``group_limit`` at once on the source, in the order they
+    #: were asked (a drain: ``drain:<node>``; see ``migration/slots.py``).
+    queue_group: str | None = Field(default=None, max_length=100)
+    group_limit: int = Field(default=0, ge=0, le=64)
+    #: TLS on the migration stream and the NBD disk copy, with the hosts' certificates.
+    #: Turning it off (``--no-encryption``) is allowed only over a migration network both
+    #: hosts mark trusted (``ferry host migration-network add CIDR --trusted``).
+    encryption: bool = True
 
 
 class MoveRequest(BaseModel):
@@ -125,6 +140,8 @@ class IncomingPlan(BaseModel):
     candidates: list[str]  # destination addresses, in the order of its migration networks
     port: int = 0
     nbd_port: int = 0
+    #: The destination QEMU expects TLS on the stream and the NBD export.
+    encrypted: bool = True
     checks: list[CheckResult] = Field(default_factory=list)
 
 
@@ -172,11 +189,11 @@ class StorageMoveRequest(BaseModel):
     storage root, and must stay under the host's storage roots.
     """
 
-    to: str | None = None
+    to: PathText | None = None
     #: disk name -> new file (or an existing directory: the file keeps its name).
-    disk_map: dict[str, str] = Field(default_factory=dict)
-    config_to: str | None = None
-    state_to: str | None = None
+    disk_map: dict[ShortText, PathText] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    config_to: PathText | None = None
+    state_to: PathText | None = None
     #: Cap on the copy rate (Mbit/s); none by default.
     bandwidth_mbps: int | None = Field(default=None, ge=1)
 
@@ -224,6 +241,8 @@ class Job(BaseModel):
     transport: str | None = None
     address: str | None = None
     postcopy_used: bool = False
+    #: Whether the migration stream and disk copy were TLS-encrypted (None: not started).
+    encrypted: bool | None = None
     #: The guest was paused when the move began (the destination keeps it paused).
     was_paused: bool = False
     #: QEMU finished but the destination agent has not taken the VM over yet: the source
@@ -267,6 +286,7 @@ class Job(BaseModel):
             "state": self.state.value,
             "phase": self.phase.value,
             "mode": self.mode,
+            "encrypted": self.encrypted,
             "total_s": self.total_s,
             "qemu_downtime_ms": self.qemu_downtime_ms,
             "downtime_ms": self.downtime_ms,

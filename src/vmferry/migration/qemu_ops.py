@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 from vmferry.qemu.qmp import QmpError, QmpSession
+from vmferry.qemu.tls import Endpoint, creds_object
 
 #: QEMU's default 128 MiB/s cap would throttle every move; this is "no cap".
 UNLIMITED_BPS = 1 << 40
@@ -57,6 +60,56 @@ async def set_stream_limits(q: QmpSession, bandwidth_mbps: int | None, downtime_
         "migrate-set-parameters",
         {"max-bandwidth": bps, "downtime-limit": downtime_ms, "announce-initial": 20},
     )
+
+
+#: The id of the ``tls-creds-x509`` object a move adds to a QEMU (one per QEMU at a time).
+TLS_CREDS_ID = "vmferry-move-tls"
+
+
+async def enable_tls(
+    q: QmpSession, creds_dir: Path, endpoint: Endpoint, hostname: str | None = None
+) -> None:
+    """Load the host's TLS credentials into QEMU and encrypt the migration stream with them.
+
+    The object is (re)created for every move, so renewed certificates take effect without a
+    VM restart. ``hostname`` (source side) is the name the destination's certificate must
+    carry; the server side requires a client certificate from the same CA.
+    """
+    with contextlib.suppress(QmpError):
+        await q.execute("object-del", {"id": TLS_CREDS_ID})
+    await q.execute("object-add", creds_object(TLS_CREDS_ID, creds_dir, endpoint))
+    params: dict[str, Any] = {"tls-creds": TLS_CREDS_ID, "tls-hostname": hostname or ""}
+    await q.execute("migrate-set-parameters", params)
+
+
+async def disable_tls(q: QmpSession) -> None:
+    """A clear-text migration stream (``--no-encryption``); drops a move's credentials."""
+    await q.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    with contextlib.suppress(QmpError):
+        await q.execute("object-del", {"id": TLS_CREDS_ID})
+
+
+def nbd_server_args(host: str, port: int, tls: bool) -> dict[str, Any]:
+    """``nbd-server-start`` arguments (destination); with ``tls`` clients must use TLS."""
+    args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+    if tls:
+        args["tls-creds"] = TLS_CREDS_ID
+    return args
+
+
+def nbd_client_args(
+    node: str, export: str, host: str, port: int, tls: bool, hostname: str | None = None
+) -> dict[str, Any]:
+    """``blockdev-add`` arguments of an NBD client node (source), over TLS when asked."""
+    args: dict[str, Any] = {
+        "driver": "nbd", "node-name": node, "export": export,
+        "server": {"type": "inet", "host": host, "port": str(port)},
+    }  # fmt: skip
+    if tls:
+        args["tls-creds"] = TLS_CREDS_ID
+        if hostname:
+            args["tls-hostname"] = hostname
+    return args
 
 
 async def wait_block_jobs_ready(

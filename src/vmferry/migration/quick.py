@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from vmferry import __version__
 from vmferry.errors import ConflictError, FerryError, NotFoundError, RefusedError
@@ -57,6 +57,7 @@ from vmferry.migration.model import (
     PhaseRecord,
 )
 from vmferry.qemu.qmp import QmpError, qmp_session
+from vmferry.validation import MAX_ITEMS, PathText, ShortText, check_agent_url
 
 log = logging.getLogger("vmferry.migration")
 
@@ -80,7 +81,7 @@ class QuickRequest(BaseModel):
     state: QuickState
     #: Restore the saved state paused; None: as the owner record says (set at the hand-over).
     paused: bool | None = None
-    switch_map: dict[str, str] = Field(default_factory=dict)
+    switch_map: dict[ShortText, ShortText] = Field(default_factory=dict, max_length=MAX_ITEMS)
     cpu_vendor: str
     cpu_flags: list[str]
 
@@ -92,8 +93,15 @@ class ImportRequest(BaseModel):
     ask the VM's owner whether it still has it.
     """
 
-    path: str
-    peers: dict[str, str] = Field(default_factory=dict)
+    path: PathText
+    peers: dict[ShortText, str] = Field(default_factory=dict, max_length=MAX_ITEMS)
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_urls(cls, v: dict[str, str]) -> dict[str, str]:
+        for url in v.values():
+            check_agent_url(url)
+        return v
 
 
 class QuickPeer(Protocol):
