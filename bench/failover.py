@@ -43,7 +43,8 @@ from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.store import Keys
 from vmferry.lab import Lab
 from vmferry.lab.lab import BackgroundProbe, start_probe, wait_answer
-from vmferry.procinfo import pid_matches, pid_start_time, pid_state
+from vmferry.lab.procs import qemus_of
+from vmferry.procinfo import pid_matches, pid_start_time
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,25 +75,6 @@ def _median(values: Iterable[float | None]) -> float | None:
 def _max(values: Iterable[float | None]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return round(max(vals), 3) if vals else None
-
-
-def _alive(pid: int) -> bool:
-    return pid_state(pid) not in (None, "Z", "X")
-
-
-def qemus_of(uuid: str) -> list[int]:
-    """Every live QEMU process on this machine (any lab host) running the VM with ``uuid``."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            argv = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and uuid.encode() in argv and _alive(int(p.name)):
-            found.append(int(p.name))
-    return found
 
 
 def _netns(pid: int) -> str:

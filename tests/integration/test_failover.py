@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from conftest import LabHandle, needs_lab, wait_for
 from vmferry.client import FerryError, NotFoundError, RefusedError
 from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.store import ClusterVMStore, Keys
-from vmferry.procinfo import pid_state
+from vmferry.lab.procs import qemus_of as _qemus_of
 
 pytestmark = needs_lab
 
@@ -30,25 +29,6 @@ def ferry(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "vmferry.cli.main", *args],
         capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )  # fmt: skip
-
-
-def _alive(pid: int) -> bool:
-    return pid_state(pid) not in (None, "Z", "X")
-
-
-def _qemus_of(uuid: str) -> list[int]:
-    """Every QEMU process on this machine (any lab host) running the VM with ``uuid``."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            argv = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and uuid.encode() in argv and _alive(int(p.name)):
-            found.append(int(p.name))
-    return found
 
 
 def _all_alive(lab: LabHandle, name: str, via: str = "h1") -> dict[str, Any] | None:

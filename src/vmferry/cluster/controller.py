@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from vmferry.cluster.etcd import EtcdUnavailable
 from vmferry.cluster.member import ClusterMember, EtcdCache
 from vmferry.cluster.placement import NodeRoom, Placement, VMDemand, place
-from vmferry.cluster.planned import Drains, free_memory
+from vmferry.cluster.planned import Drains, MoveCalls, free_memory
 from vmferry.cluster.store import (
     ClusteredVM,
     ClusterEvent,
@@ -55,25 +55,12 @@ FAST_TICK = 0.1
 RETRY_S = 10.0
 
 
-class AgentCalls(Protocol):
-    """What the controller asks the nodes' agents (``api/cluster_peer.py``)."""
+class AgentCalls(MoveCalls, Protocol):
+    """What the controller asks the nodes' agents (``api/cluster_peer.py``): what a drain asks
+    (:class:`vmferry.cluster.planned.MoveCalls`), and import and start for failover."""
 
-    async def host_info(self, url: str) -> dict[str, Any]: ...
-    async def vm(self, url: str, name: str) -> dict[str, Any] | None: ...
     async def import_vm(self, url: str, path: str) -> dict[str, Any]: ...
     async def start_vm(self, url: str, name: str) -> dict[str, Any]: ...
-    async def start_planned_move(
-        self,
-        url: str,
-        vm: str,
-        to: str,
-        quick: bool,
-        reason: str,
-        group: str | None = None,
-        group_limit: int = 0,
-    ) -> dict[str, Any]: ...
-    async def migration(self, url: str, job_id: str) -> dict[str, Any]: ...
-    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]: ...
 
 
 @dataclass

@@ -104,3 +104,23 @@ def run_in_netns(netns: str, argv: list[str], timeout: float) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs (a zombie waiting to be reaped does not count)."""
+    return pid_state(pid) not in (None, "Z", "X")
+
+
+def qemus_of(uuid: str) -> list[int]:
+    """Every live QEMU process on this machine (any lab host) running the VM with ``uuid``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and uuid.encode() in argv and alive(int(p.name)):
+            found.append(int(p.name))
+    return found
