@@ -172,7 +172,17 @@ def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_all(lab_dir: Path, runs: int) -> list[dict[str, Any]]:
+def _set_concurrency(lab: Lab, n: int | None) -> None:
+    """Set ``cluster.drain_concurrency`` on every host (None: leave the default)."""
+    if n is None:
+        return
+    for h in HOSTS:
+        with lab.client(h) as c:
+            cur = c.settings()["cluster"]
+            c.update_settings(cluster={**cur, "drain_concurrency": n})
+
+
+def run_all(lab_dir: Path, runs: int, concurrency: int | None = None) -> list[dict[str, Any]]:
     """Bring up a 3-host lab, run ``runs`` rounds, tear the lab down."""
     global _LAB
     lab = Lab(lab_dir)
@@ -180,6 +190,7 @@ def run_all(lab_dir: Path, runs: int) -> list[dict[str, Any]]:
     rows = []
     try:
         lab.up(len(HOSTS), link_rate=LINK_RATE)
+        _set_concurrency(lab, concurrency)
         names, ips = _setup(lab)
         for i in range(runs):
             row = run_once(lab, names, ips)

@@ -167,13 +167,13 @@ def run_failover(runs: int, ttls: str | None, command: str) -> None:
     failover.report(rows, command, failover.DEFAULT_VMS)
 
 
-def run_drain(runs: int, command: str) -> None:
+def run_drain(runs: int, concurrency: int | None, command: str) -> None:
     """Drain of a node running 6 clustered VMs on a 3-host lab (see :mod:`bench.drain`)."""
     from bench import drain
 
     base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    drain.report(drain.run_all(base / "lab", max(1, min(runs, 10))), command)
+    drain.report(drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency), command)
 
 
 def run_cluster_scale(command: str) -> None:
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only this benchmark")  # fmt: skip
     ap.add_argument("--runs", type=int,
                     help="repeats (default: 5 for boot, 3 for quick, else 1)")  # fmt: skip
+    ap.add_argument("--drain-concurrency", type=int,
+                    help="drain: cluster.drain_concurrency on every host (default: 2)")  # fmt: skip
     ap.add_argument("--lease-ttl", help="failover: comma-separated lease TTLs (s), e.g. 6,4")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="migrate: seconds per move")
     ap.add_argument("--scenarios", help="migrate: comma-separated subset of "
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "failover"):
         run_failover(args.runs or 3, args.lease_ttl, command)
     if args.only in (None, "drain"):
-        run_drain(args.runs or 1, command)
+        run_drain(args.runs or 1, args.drain_concurrency, command)
     if args.only in (None, "cluster-scale"):
         run_cluster_scale(command)
 

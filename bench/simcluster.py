@@ -240,11 +240,21 @@ class SimulatedAgents:
         return {"name": name, "state": "running"}
 
     async def start_planned_move(
-        self, url: str, vm: str, to: str, quick: bool, reason: str
+        self,
+        url: str,
+        vm: str,
+        to: str,
+        quick: bool,
+        reason: str,
+        group: str | None = None,
+        group_limit: int = 0,
     ) -> dict[str, Any]:
         raise NotImplementedError("simulated agents make no planned moves")
 
     async def migration(self, url: str, job_id: str) -> dict[str, Any]:
+        raise NotImplementedError("simulated agents run no migrations")
+
+    async def cancel_migration(self, url: str, job_id: str) -> dict[str, Any]:
         raise NotImplementedError("simulated agents run no migrations")
 
     # AgentApi (ClusterService): status() asks no agent; the others are not used by the bench
