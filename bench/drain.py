@@ -3,9 +3,10 @@
 A 3-host lab (migration links shaped to 1 Gbit/s, as in :mod:`bench.migrate`), one cluster of
 h1..h3 with the lab's shared volume, six 256 MiB probe guests on h1 (clustered, files on the
 shared volume). First each VM is moved alone (``cluster move --to`` h2 or h3, then back): the
-single-move times. Then h1 is drained (a TCP session is held to every guest from the first single move on): the total from
-the request to the drain record's end. Target (issue 5): drain total <= 1.3 x (sum of single
-moves / drain concurrency). Finally ``resume --failback`` brings them home (timed too).
+single-move times. Then h1 is drained (a TCP session is held to every guest from the first
+single move on): the total from the request to the drain record's end. Target (issue 5):
+drain total <= 1.3 x (sum of single moves / drain concurrency). Finally ``resume --failback``
+brings them home (timed too).
 
 Times are wall-clock, from the API request to the moment etcd shows the new owner — what an
 admin waits for. Reports go to ``bench/results/drain.{md,json}``.
