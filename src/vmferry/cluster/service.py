@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field, field_validator
 
 from vmferry.cluster.etcd import EtcdUnavailable
-from vmferry.cluster.member import ClusterMember, etcd_for
+from vmferry.cluster.member import ClusterMember, EtcdCache
 from vmferry.cluster.store import (
     ClusterState,
     ClusterStore,
@@ -67,9 +67,10 @@ class ClusterService:
         self._settings = settings
         self.member = member
         self.api = api
+        self._etcd = EtcdCache(settings)  # one client, not one per request
 
     def _store(self) -> ClusterStore:
-        return ClusterStore(etcd_for(self._settings(), timeout=2.0))
+        return ClusterStore(self._etcd.get())
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:

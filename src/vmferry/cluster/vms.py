@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from vmferry.cluster.etcd import EtcdUnavailable
-from vmferry.cluster.member import ClusterMember, etcd_for
+from vmferry.cluster.member import ClusterMember, EtcdCache
 from vmferry.cluster.placement import PRIORITIES, Priority
 from vmferry.cluster.store import (
     CLUSTER_RE,
@@ -65,9 +65,10 @@ class ClusterVMs:
         self.vms = vms
         self._settings = settings
         self.member = member
+        self._etcd = EtcdCache(settings)  # one client, not one per request
 
     def _store(self) -> ClusterVMStore:
-        return ClusterVMStore(etcd_for(self._settings(), timeout=2.0))
+        return ClusterVMStore(self._etcd.get())
 
     def _cluster(self, name: str | None) -> str:
         if name:
@@ -219,10 +220,7 @@ class ClusterVMs:
             return False
         try:
             store = self._store()
-            try:
-                return await asyncio.to_thread(store.vm_record, cluster, name) is not None
-            finally:
-                store.etcd.close()
+            return await asyncio.to_thread(store.vm_record, cluster, name) is not None
         except EtcdUnavailable:
             return name in self.member.clustered
 
