@@ -18,14 +18,22 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.migrate import LINK_RATE, _git_state, _Guests, _median, _remove_everywhere, _wait_job
+from bench.migrate import (
+    LINK_RATE,
+    Scenario,
+    _create_guest,
+    _git_state,
+    _Guests,
+    _median,
+    _remove_everywhere,
+    _wait_job,
+)
 from bench.migrate import phase_seconds as _phase_seconds
 from vmferry.lab import Lab, net
 from vmferry.lab.lab import wait_answer
@@ -38,18 +46,6 @@ BOOT_TIMEOUT_S = 120.0
 WARMUP_S = 2.0
 SRC, DST = "h1", "h2"
 COPY_PHASES = ("mirror", "precopy", "postcopy", "switchover")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One guest set-up to move."""
-
-    key: str
-    what: str
-    shared: bool = True
-    dirty: str | None = None  # the dirtier's working set and rate (fills memory)
-    disk_mib: int = 64
-    fill_mib: int = 0  # data written into the disk before the guest starts
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -66,28 +62,6 @@ LINKS: tuple[str | None, ...] = (LINK_RATE, None)
 
 def _link_name(rate: str | None) -> str:
     return rate or "unshaped"
-
-
-def _create_guest(lab: Lab, sc: Scenario, name: str, ip: str) -> None:
-    roles = ["heartbeat", "udpecho"] + (["dirty"] if sc.dirty else [])
-    probe_spec: dict[str, Any] = {"ip": f"{ip}/24", "roles": roles}
-    if sc.dirty:
-        probe_spec["dirty"] = sc.dirty
-    spec: dict[str, Any] = {
-        "name": name, "memory_mib": MEMORY_MIB, "disks": [{"size_mib": sc.disk_mib}],
-        "nics": [{"switch": "external"}], "probe": probe_spec,
-    }  # fmt: skip
-    if sc.shared:
-        spec["storage_dir"] = str(lab.shared_dir / name)
-    with lab.client(SRC) as c:
-        vm = c.create_vm(spec)
-        if sc.fill_mib:
-            disk = Path(vm["storage_dir"], vm["disks"][0]["file"])
-            subprocess.run(
-                ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {sc.fill_mib}M", str(disk)],
-                check=True, capture_output=True, timeout=300,
-            )  # fmt: skip
-        c.action(name, "start")
 
 
 def _warm_up(lab: Lab, sc: Scenario, ip: str) -> None:
