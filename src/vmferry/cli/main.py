@@ -1254,6 +1254,13 @@ def _events_print(rows: list[dict[str, Any]]) -> None:
                   highlight=False)  # fmt: skip
 
 
+def _event_out(e: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(e) + "\n")
+    else:
+        _events_print([e])
+
+
 @app.command("events")
 def events_cmd(
     hosts: Annotated[
@@ -1284,7 +1291,7 @@ def events_cmd(
     last = {n: 0 for n in names}
     for e in rows:
         last[e["host"]] = max(last.get(e["host"], 0), e["id"])
-        sys.stdout.write(json.dumps(e) + "\n") if json_out else _events_print([e])
+        _event_out(e, json_out)
     try:
         while True:  # until Ctrl-C
             time.sleep(1.0)
@@ -1292,7 +1299,7 @@ def events_cmd(
                 new = _events_of([n], **flt, after=last.get(n, 0), limit=1000)
                 for e in new:
                     last[n] = max(last.get(n, 0), e["id"])
-                    sys.stdout.write(json.dumps(e) + "\n") if json_out else _events_print([e])
+                    _event_out(e, json_out)
                 sys.stdout.flush()
     except KeyboardInterrupt:
         return

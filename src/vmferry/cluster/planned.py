@@ -273,18 +273,29 @@ def move_demand(vm: ClusteredVM) -> VMDemand:
     )
 
 
+def move_targets(
+    state: ClusterState, vms: list[ClusteredVM], away_from: str, free: dict[str, int]
+) -> dict[str, tuple[str | None, str]]:
+    """Where each of ``vms`` (all on ``away_from``) goes and why, or None and why not. One
+    placement, so each decision counts the memory and groups of the ones before it (pure)."""
+    p = place([move_demand(v) for v in vms], move_rooms(state, free, {away_from}))
+    out: dict[str, tuple[str | None, str]] = {d.vm: (d.node, d.reason) for d in p.decisions}
+    for v in vms:
+        if v.name not in out:
+            out[v.name] = (None, p.unplaced.get(v.name) or p.skipped.get(v.name) or "")
+    return out
+
+
 def best_node(state: ClusterState, vm: ClusteredVM, free: dict[str, int]) -> tuple[str, str]:
     """The best possible node for a planned move of ``vm`` and why; RefusedError if none."""
-    p = place([move_demand(vm)], move_rooms(state, free, {vm.node}))
-    if not p.decisions:
-        why = p.unplaced.get(vm.name) or p.skipped.get(vm.name) or "no node can take it"
+    to, why = move_targets(state, [vm], vm.node, free)[vm.name]
+    if to is None:
         raise RefusedError(
-            f"no node can take VM {vm.name!r}: {why}",
+            f"no node can take VM {vm.name!r}: {why or 'no node can take it'}",
             field="vm",
             fix="free memory on a node, or check its possible owners",
         )
-    d = p.decisions[0]
-    return d.node, d.reason
+    return to, why
 
 
 def _drain(rec: NodeRecord) -> DrainRecord:
@@ -353,9 +364,8 @@ class Drains:
             return
         rec, rev = got
         drain = _drain(rec)
-        mine = {a.vm: a for a in self.active.values() if a.drain_node == node}
-        changed = await self._poll(drain, mine)
-        mine = {a.vm: a for a in self.active.values() if a.drain_node == node}
+        changed = await self._poll(drain, self._mine(node))
+        mine = self._mine(node)
         for vm in self._lost(state, node, drain, mine):
             drain.failed[vm.name] = "its move ended while another node led the cluster"
             changed = True
@@ -371,15 +381,7 @@ class Drains:
                 drain.attempted.append(vm.name)
                 changed = True
                 if to is None:
-                    drain.failed[vm.name] = why
-                    await self._event(
-                        store,
-                        cluster,
-                        "move-failed",
-                        vm.name,
-                        vm.node,
-                        f"{drain.kind} of {node}: {why}; it stays on {vm.node}",
-                    )
+                    await self._cannot_move(store, cluster, drain, vm, node, why)
                 else:
                     starts.append((vm, to))
         if starts:  # record the attempts first: a new leader must not start them again
@@ -389,16 +391,8 @@ class Drains:
             for vm, to in starts:
                 err = await self._start(state, vm, to, node, drain.kind, self._concurrency())
                 if err is not None:
-                    drain.failed[vm.name] = err
+                    await self._cannot_move(store, cluster, drain, vm, node, err)
                     changed = True
-                    await self._event(
-                        store,
-                        cluster,
-                        "move-failed",
-                        vm.name,
-                        vm.node,
-                        f"{drain.kind} of {node}: {err}; it stays on {vm.node}",
-                    )
             if changed:
                 fresh = await asyncio.to_thread(store.node_record, cluster, node)
                 if fresh is None or fresh[0].drain is None:
@@ -407,7 +401,7 @@ class Drains:
                 rec, rev = fresh
                 drain = _drain(rec)
                 drain.failed.update(failed)
-        mine = {a.vm: a for a in self.active.values() if a.drain_node == node}
+        mine = self._mine(node)
         moving = [v for v in state.vms.values() if v.moving_to and node in (v.node, v.moving_to)]
         if not self._todo(state, node, drain, mine) and not mine and not moving and not starts:
             drain.status = "failed" if drain.failed else "done"
@@ -422,6 +416,10 @@ class Drains:
             await self._event(store, cluster, f"{what}-{drain.status}", None, node, reason)
         if changed:
             await asyncio.to_thread(store.update_node, cluster, rec, rev)
+
+    def _mine(self, node: str) -> dict[str, _Active]:
+        """The moves this leader started for the drain (failback) of ``node``, by VM."""
+        return {a.vm: a for a in self.active.values() if a.drain_node == node}
 
     @staticmethod
     def _candidates(state: ClusterState, node: str, drain: DrainRecord) -> list[ClusteredVM]:
@@ -467,13 +465,10 @@ class Drains:
             return {v.name: (None, f"{node} is not a possible owner of it")
                     if v.possible and node not in v.possible else (node, "failback")
                     for v in vms}  # fmt: skip
-        p = place([move_demand(v) for v in vms], move_rooms(state, free, {node}))
-        out: dict[str, tuple[str | None, str]] = {d.vm: (d.node, d.reason) for d in p.decisions}
-        for v in vms:
-            if v.name not in out:
-                why = p.unplaced.get(v.name) or p.skipped.get(v.name) or "no node can take it"
-                out[v.name] = (None, f"no node can take it: {why}")
-        return out
+        return {
+            name: (to, why if to else f"no node can take it: {why or 'no node can take it'}")
+            for name, (to, why) in move_targets(state, vms, node, free).items()
+        }
 
     async def _start(
         self, state: ClusterState, vm: ClusteredVM, to: str, node: str, kind: str, limit: int
@@ -511,6 +506,20 @@ class Drains:
             self.active.pop(name, None)
             changed = True
         return changed
+
+    async def _cannot_move(
+        self,
+        store: ClusterVMStore,
+        cluster: str,
+        drain: DrainRecord,
+        vm: ClusteredVM,
+        node: str,
+        why: str,
+    ) -> None:
+        """Record in the drain and the events that ``vm`` cannot move (it stays where it is)."""
+        drain.failed[vm.name] = why
+        reason = f"{drain.kind} of {node}: {why}; it stays on {vm.node}"
+        await self._event(store, cluster, "move-failed", vm.name, vm.node, reason)
 
     async def _event(
         self, store: ClusterVMStore, cluster: str, kind: str, vm: str | None, node: str, reason: str
