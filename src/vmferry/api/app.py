@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 
 from vmferry import __version__
 from vmferry.api.cluster_routes import LocalJobs, add_cluster_routes
+from vmferry.api.delegation import MoveAuthority
+from vmferry.api.diagnostics import add_diagnostics_routes
 from vmferry.api.limits import install_input_limits
 from vmferry.api.peer import AgentTLS, HttpPeer
 from vmferry.api.security import install_security
@@ -111,9 +113,16 @@ def create_app(
 
     app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
     cluster_member = add_cluster_routes(app, host, tls, LocalJobs(moves, quick))
+    add_diagnostics_routes(app, host, tls)  # ferry doctor's probes (api/diagnostics.py)
 
     # identity, revocation, roles, throttling, audit log (api/security.py, docs/security.md)
-    install_security(app, host.state_dir, tls, require_client_cert)
+    sec = install_security(app, host.state_dir, tls, require_client_cert)
+    # who may start a move here, which moves this host receives (api/delegation.py)
+    authority = MoveAuthority(
+        lambda: host.settings, host.state_dir, tls.ca if tls else None,
+        tls.cert if tls else None, lambda: sec.crl.current, app.state.cluster_vms.planned_move,
+    )  # fmt: skip
+    app.state.move_authority = authority
     install_input_limits(app)  # 413 over 1 MiB, error bodies (api/limits.py)
 
     @app.exception_handler(FerryError)
@@ -213,7 +222,13 @@ def create_app(
 
     # -- moves (source side) -----------------------------------------------------------------
     @app.post("/v1/vms/{name}/move", status_code=202)
-    async def move_vm(name: str, req: MoveRequest) -> dict[str, Any]:
+    async def move_vm(name: str, req: MoveRequest, request: Request) -> dict[str, Any]:
+        server = request.scope.get("server")
+        await authority.check_start(
+            request.state.principal, server[0] if server else None, vm=name,
+            destination=req.destination.name, service="quick" if req.options.quick else "live",
+            ticket=req.ticket, what_if=req.what_if,
+        )  # fmt: skip
         if not req.what_if and await app.state.cluster_vms.is_clustered(name):
             raise RefusedError(
                 f"VM {name!r} is clustered in {cluster_member.cluster}: the cluster must know "
@@ -250,7 +265,11 @@ def create_app(
 
     # -- moves (destination side; called by the source agent) --------------------------------
     @app.post("/v1/migrations/incoming")
-    async def incoming_prepare(req: IncomingRequest) -> IncomingPlan:
+    async def incoming_prepare(req: IncomingRequest, request: Request) -> IncomingPlan:
+        await authority.check_incoming(
+            request.state.principal, vm=req.spec.name, source=req.source, service="live",
+            ticket=req.ticket, dry_run=req.dry_run,
+        )  # fmt: skip
         return await incoming.prepare(req)
 
     @app.post("/v1/migrations/incoming/{job_id}/start", status_code=204)
@@ -281,11 +300,19 @@ def create_app(
         return await quick.import_vm(body.path, body.peers, _own_url(request))
 
     @app.post("/v1/migrations/incoming/quick/checks")
-    async def quick_checks(req: QuickRequest) -> list[CheckResult]:
+    async def quick_checks(req: QuickRequest, request: Request) -> list[CheckResult]:
+        await authority.check_incoming(
+            request.state.principal, vm=req.spec.name, source=req.source, service="quick",
+            ticket=req.ticket, dry_run=True,
+        )  # fmt: skip
         return await asyncio.to_thread(quick.checks, req)
 
     @app.post("/v1/migrations/incoming/quick/receive")
     async def quick_receive(req: QuickRequest, request: Request) -> dict[str, Any]:
+        await authority.check_incoming(
+            request.state.principal, vm=req.spec.name, source=req.source, service="quick",
+            ticket=req.ticket, dry_run=False,
+        )  # fmt: skip
         return await quick.receive(req, _own_url(request))
 
     app.state.quick = quick

@@ -144,7 +144,7 @@ def principal_of(
             fix="issue one with a role: ferry cert issue user NAME --role viewer|operator|admin "
             "(agents: ferry cert issue host NAME --ip ADDRESS)",
         ) from None
-    return Principal(cn=cn or "?", role=role, address=address, serial=serial)
+    return Principal(cn=cn or "?", role=role, address=address, serial=serial, uris=tuple(uris))
 
 
 def _claimed(scope: Mapping[str, Any]) -> tuple[str | None, str | None]:

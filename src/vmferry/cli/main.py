@@ -318,6 +318,13 @@ def host_set(
     storage_max_concurrent: Annotated[
         int | None, typer.Option("--storage-max-concurrent", help="storage moves at once")
     ] = None,
+    migration_authentication: Annotated[
+        str | None,
+        typer.Option(
+            "--migration-authentication",
+            help="local (moves start only on this host) | delegated (signed move tickets)",
+        ),
+    ] = None,
     output: OutputOpt = None,
 ) -> None:
     """Change host settings."""
@@ -350,6 +357,7 @@ def host_set(
             ("max_concurrent", max_concurrent),
             ("transport", transport),
             ("streams", streams),
+            ("authentication", migration_authentication),
         ):
             if val is not None:
                 mig[key] = val
@@ -1523,12 +1531,21 @@ def cert_issue_host(
     name: str,
     ip: Annotated[list[str], typer.Option("--ip", help="an address the agent is reached on")],
     dns: Annotated[list[str] | None, typer.Option("--dns", help="a DNS name of the host")] = None,
+    delegate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--delegate",
+            help="where this host may act for a user who signed a move ticket: HOST, "
+            "HOST:live,quick or '*' (repeatable; none: it cannot start delegated moves)",
+        ),
+    ] = None,
     ca_dir: CaDirOpt = None,
     out_dir: OutDirOpt = None,
     days: DaysOpt = 825,
     output: OutputOpt = None,
 ) -> None:
-    """Issue an agent's certificate (role host): server and client, names and addresses."""
+    """Issue an agent's certificate (role host): server and client, names and addresses,
+    delegation targets (docs/security.md: move initiation)."""
     import ipaddress
 
     for a in ip:
@@ -1540,7 +1557,7 @@ def cert_issue_host(
         ca = _ca(ca_dir)
         paths = ca.issue(
             out_dir or ca.dir / "certs", name, role="host",
-            server_names=[*ip, *(dns or [])], days=days,
+            server_names=[*ip, *(dns or [])], days=days, delegate=delegate,
         )  # fmt: skip
     except FerryError as exc:
         _fail(exc)
@@ -1718,6 +1735,32 @@ def whoami(output: OutputOpt = None) -> None:
     with _client() as c:
         me = c.request("GET", "/v1/security/whoami")
     _emit(me, output, lambda d: _kv(d, "you, as the host sees you"))
+
+
+@app.command("doctor")
+def doctor(
+    src: Annotated[str, typer.Argument(help="source host (client config name)")],
+    dst: Annotated[str, typer.Argument(help="destination host (client config name)")],
+    output: OutputOpt = None,
+) -> None:
+    """Run the live-migration troubleshooting list between two hosts (client/doctor.py)."""
+    from vmferry.client import doctor as doc
+
+    cfg = load_config()
+    for opt, name in (("SRC", src), ("DST", dst)):
+        if name not in cfg.hosts:
+            known = ", ".join(sorted(cfg.hosts)) or "none"
+            _fail(FerryError(f"unknown host {name!r}", field=opt, fix=f"known hosts: {known}"))
+    if src == dst:
+        _fail(FerryError("SRC and DST are the same host", field="DST", fix="name two hosts"))
+    api = doc.ClientDoctorApi(cfg)
+    try:
+        checks = doc.run(api, src, dst)
+    finally:
+        api.close()
+    _emit([c.model_dump() for c in checks], output, lambda _: out.print(doc.render(checks),
+          highlight=False, markup=False, soft_wrap=True))  # fmt: skip
+    raise typer.Exit(doc.exit_code(checks))
 
 
 def main() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ssl
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from vmferry.client._config import HostEndpoint
-from vmferry.errors import UnreachableError, check_response
+from vmferry.errors import RefusedError, UnreachableError, check_response
+from vmferry.security.tickets import DEFAULT_TICKET_S, SignedTicket, sign_ticket
 
 
 class FerryClient:
@@ -108,12 +110,42 @@ class FerryClient:
         """Delete an off VM and its files."""
         self.request("DELETE", f"/v1/vms/{name}")
 
-    def move(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
-        """Start a live move (or, with ``what_if``, only check and plan it)."""
+    def move(self, name: str, request: dict[str, Any], *, sign: bool = True) -> dict[str, Any]:
+        """Start a live move (or, with ``what_if``, only check and plan it).
+
+        With ``sign`` (and a client certificate) the request carries a move ticket signed
+        with the client's key, bound to this VM, this host and the destination (hosts with
+        ``migration.authentication = delegated`` need one; see docs/security.md).
+        """
+        dest = request.get("destination")
+        if (
+            sign
+            and "ticket" not in request
+            and isinstance(dest, dict)
+            and isinstance(dest.get("name"), str)
+            and self.endpoint.cert
+            and self.endpoint.key
+        ):
+            request = {**request, "ticket": self.move_ticket(name, request).model_dump()}
         result: dict[str, Any] = self.request(
             "POST", f"/v1/vms/{name}/move", json=request, timeout=180
         )
         return result
+
+    def move_ticket(
+        self, name: str, request: dict[str, Any], ttl_s: float = DEFAULT_TICKET_S
+    ) -> SignedTicket:
+        """A ticket for moving VM ``name`` from this host as ``request`` says."""
+        if not (self.endpoint.cert and self.endpoint.key):
+            raise RefusedError(
+                "signing a move ticket needs a client certificate and key", field="cert"
+            )
+        quick = bool(request.get("options", {}).get("quick"))
+        return sign_ticket(
+            Path(self.endpoint.cert), Path(self.endpoint.key), vm=name,
+            source=str(self.host()["name"]), destination=str(request["destination"]["name"]),
+            service="quick" if quick else "live", ttl_s=ttl_s,
+        )  # fmt: skip
 
     def move_storage(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
         """Start a storage move (a StorageMoveRequest-shaped dict); returns the job."""

@@ -224,6 +224,18 @@ class ClusterVMs:
         except EtcdUnavailable:
             return name in self.member.clustered
 
+    async def planned_move(self, name: str) -> tuple[str, str | None] | None:
+        """(owner node, node it is moving to) of clustered VM ``name``; None when it is not
+        clustered or etcd does not answer (a move is then refused, not trusted)."""
+        cluster = self.member.cluster
+        if cluster is None:
+            return None
+        try:
+            got = await asyncio.to_thread(self._store().vm_record, cluster, name)
+        except EtcdUnavailable:
+            return None
+        return None if got is None else (got[0].node, got[0].moving_to)
+
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
     def _not_clustered(name: str, cluster: str, state: ClusterState) -> FerryError:

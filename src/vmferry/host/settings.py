@@ -54,6 +54,11 @@ class MigrationSettings(BaseModel):
     bandwidth_mbps: int | None = Field(default=None, ge=1)
     port_min: int = Field(default=49152, ge=1024, le=65535)
     port_max: int = Field(default=49215, ge=1024, le=65535)
+    #: Who may start a move from this host and what this host accepts (docs/security.md):
+    #: ``local`` — only a client on this host may start one (CredSSP's rule);
+    #: ``delegated`` — a remote client's request carries a ticket the user signed, and moves
+    #: this host receives need one too (verified here; cluster moves use node identities).
+    authentication: Literal["local", "delegated"] = "delegated"
 
     @field_validator("networks")
     @classmethod

@@ -217,7 +217,11 @@ class Lab:
             storage = hdir / "storage"
             state.mkdir(parents=True, exist_ok=True)
             storage.mkdir(parents=True, exist_ok=True)
-            ca.issue(hdir / "tls", h.name, role=Role.host, server_names=[h.mgmt_ip, h.name])
+            # every lab host may act for users towards every other (constrained delegation)
+            ca.issue(
+                hdir / "tls", h.name, role=Role.host, server_names=[h.mgmt_ip, h.name],
+                delegate=[f"{o.name}" for o in topo.hosts if o.name != h.name],
+            )  # fmt: skip
             settings = {
                 "name": h.name,
                 "accelerator": "tcg",

@@ -299,13 +299,15 @@ class Moves:
             cpu_vendor=cpu["vendor"],
             cpu_flags=cpu["flags"],
             dry_run=dry_run,
+            ticket=job.ticket,
         )
 
     async def what_if(self, name: str, req: MoveRequest) -> dict[str, Any]:
         """Run every check and return the plan with a predicted time; change nothing."""
         spec = self.vms.spec(name)
         job = Job(vm=name, source=self._settings().name, destination=req.destination.name,
-                  destination_url=req.destination.url, options=req.options)  # fmt: skip
+                  destination_url=req.destination.url, options=req.options,
+                  ticket=req.ticket)  # fmt: skip
         checks = self._local_checks(spec, req)
         peer = self._peers(req.destination)
         try:
@@ -347,7 +349,8 @@ class Moves:
             field = "encryption" if failing[0].name == "encryption" else "vm"
             raise RefusedError(failing[0].message, field=field, fix=failing[0].fix)
         job = Job(vm=name, source=self._settings().name, destination=req.destination.name,
-                  destination_url=req.destination.url, options=req.options)  # fmt: skip
+                  destination_url=req.destination.url, options=req.options,
+                  ticket=req.ticket)  # fmt: skip
         job.phases.append(PhaseRecord(phase=Phase.QUEUED, started_at=time.time()))
         self.jobs[job.id] = job
         self._save(job)

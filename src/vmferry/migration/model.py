@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from vmferry.host.spec import VMSpec
+from vmferry.security.tickets import SignedTicket
 from vmferry.validation import AGENT_URL_RE, MAX_ITEMS, PathText, ShortText, check_agent_url
 
 Transport = Literal["tcp", "compression", "multichannel"]
@@ -102,6 +103,9 @@ class MoveRequest(BaseModel):
     destination: Destination
     options: MoveOptions = Field(default_factory=MoveOptions)
     what_if: bool = False
+    #: A move ticket the user signed (``migration.authentication = delegated``; see
+    #: ``security/tickets.py``). The source checks it and hands it to the destination.
+    ticket: SignedTicket | None = None
 
 
 class CheckResult(BaseModel):
@@ -127,6 +131,8 @@ class IncomingRequest(BaseModel):
     cpu_vendor: str
     cpu_flags: list[str]
     dry_run: bool = False
+    #: The user's move ticket, forwarded by the source (None: a cluster move or local start).
+    ticket: SignedTicket | None = None
 
 
 class IncomingPlan(BaseModel):
@@ -234,6 +240,8 @@ class Job(BaseModel):
     destination: str
     destination_url: str
     options: MoveOptions
+    #: The user's move ticket, passed to the destination; never stored or shown.
+    ticket: SignedTicket | None = Field(default=None, exclude=True)
     state: JobState = JobState.QUEUED
     phase: Phase = Phase.QUEUED
     queue_position: int | None = None

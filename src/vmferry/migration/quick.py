@@ -57,6 +57,7 @@ from vmferry.migration.model import (
     PhaseRecord,
 )
 from vmferry.qemu.qmp import QmpError, qmp_session
+from vmferry.security.tickets import SignedTicket
 from vmferry.validation import MAX_ITEMS, PathText, ShortText, check_agent_url
 
 log = logging.getLogger("vmferry.migration")
@@ -84,6 +85,8 @@ class QuickRequest(BaseModel):
     switch_map: dict[ShortText, ShortText] = Field(default_factory=dict, max_length=MAX_ITEMS)
     cpu_vendor: str
     cpu_flags: list[str]
+    #: The user's move ticket, forwarded by the source (None: a cluster move or local start).
+    ticket: SignedTicket | None = None
 
 
 class ImportRequest(BaseModel):
@@ -328,12 +331,13 @@ class QuickMoves:
             job_id=job.id, source=self._settings().name, source_version=__version__, spec=spec,
             state=cast(QuickState, state.value if state in MOVABLE else "off"),
             switch_map=job.options.switch_map, cpu_vendor=cpu["vendor"], cpu_flags=cpu["flags"],
+            ticket=job.ticket,
         )  # fmt: skip
 
     def _new_job(self, name: str, req: MoveRequest) -> Job:
         return Job(kind="quick", vm=name, source=self._settings().name,
                    destination=req.destination.name, destination_url=req.destination.url,
-                   options=req.options, mode="shared")  # fmt: skip
+                   options=req.options, mode="shared", ticket=req.ticket)  # fmt: skip
 
     async def what_if(self, name: str, req: MoveRequest) -> dict[str, Any]:
         """Every check of a quick move and what it would do; changes nothing."""

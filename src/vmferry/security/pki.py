@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
 from vmferry.security.roles import Role, RoleError, role_from_uris, role_uri
+from vmferry.security.tickets import parse_delegation
 
 #: Certificate names become file names and CNs: keep them plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -193,13 +194,16 @@ class CertificateAuthority:
         client: bool = True,
         days: int = 825,
         not_after: dt.datetime | None = None,
+        delegate: list[str] | None = None,
     ) -> CertPaths:
         """Issue a certificate for ``common_name`` into ``out_dir/<cn>.crt|.key``.
 
         ``role`` (viewer, operator, admin, host) goes into a SAN URI; agents refuse a
         certificate without one (etcd members' certificates need none). ``server_names``
         (IP addresses or DNS names) make it usable as a TLS server certificate. ``not_after``
-        overrides ``days`` (tests issue expired certificates with it).
+        overrides ``days`` (tests issue expired certificates with it). ``delegate`` (host
+        certificates: ``HOST``, ``HOST:live,quick`` or ``*``) lists where the host may act for
+        a user who signed a move ticket (:mod:`vmferry.security.tickets`).
         """
         if not NAME_RE.match(common_name):
             raise RefusedError(
@@ -214,6 +218,13 @@ class CertificateAuthority:
             raise RefusedError(
                 f"unknown role {role!r}", field="role", fix=f"one of {known}"
             ) from None
+        delegation = [u for spec in delegate or [] for u in parse_delegation(spec)]
+        if delegation and role_v is not Role.host:
+            raise RefusedError(
+                "only host certificates carry delegation targets",
+                field="delegate",
+                fix="issue it with ferry cert issue host NAME --ip ... --delegate HOST",
+            )
         ca_cert, ca_key = self._load()
         out_dir.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -245,6 +256,7 @@ class CertificateAuthority:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         if role_v is not None:
             alt.append(x509.UniformResourceIdentifier(role_uri(role_v)))
+        alt += [x509.UniformResourceIdentifier(u) for u in delegation]
         if alt:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -262,6 +274,7 @@ class CertificateAuthority:
                     "name": common_name,
                     "role": role_v.value if role_v else None,
                     "names": list(server_names or []),
+                    "delegate": list(delegate or []),
                     "not_before": valid_from.timestamp(),
                     "not_after": valid_to.timestamp(),
                     "path": str(paths.cert.resolve()),

@@ -56,6 +56,9 @@ def _rules(*rows: tuple[str, str, frozenset[Role]]) -> dict[tuple[str, str], Rul
 RULES: dict[tuple[str, str], Rule] = _rules(
     # host
     ("PATCH", "/v1/host/settings", ADMIN),
+    # ferry doctor: the source agent probes a migration listener / the peer agent
+    ("POST", "/v1/host/diagnostics/reach", OPERATE),
+    ("POST", "/v1/host/diagnostics/peer", OPERATE),
     # VM lifecycle (the failover controller of the cluster's leader starts VMs on other nodes)
     ("POST", "/v1/vms", OPERATE),
     ("DELETE", "/v1/vms/{name}", OPERATE),
@@ -152,6 +155,8 @@ class Principal:
     role: Role | None
     address: str
     serial: int | None = None
+    #: The certificate's SAN URIs (role, and a host's delegation targets).
+    uris: tuple[str, ...] = ()
 
     def may(self, method: str, path: str) -> bool:
         """Whether this principal may call ``method path`` (a route template)."""
