@@ -18,6 +18,7 @@ from vmferry.api.cluster_routes import LocalJobs, add_cluster_routes
 from vmferry.api.delegation import MoveAuthority
 from vmferry.api.diagnostics import add_diagnostics_routes
 from vmferry.api.limits import install_input_limits
+from vmferry.api.metrics import AgentMetrics, install_metrics
 from vmferry.api.peer import AgentTLS, HttpPeer
 from vmferry.api.security import install_security
 from vmferry.errors import FerryError, HostError, RefusedError
@@ -35,6 +36,7 @@ from vmferry.migration.model import (
 from vmferry.migration.quick import ImportRequest, QuickMoves, QuickRequest
 from vmferry.migration.slots import Slots
 from vmferry.migration.storage import StorageMoves
+from vmferry.migration.trace import trace_json
 from vmferry.qemu.tls import X509Files
 
 log = logging.getLogger("vmferry.api")
@@ -114,6 +116,9 @@ def create_app(
     app = FastAPI(title="vmferry agent", version=__version__, lifespan=lifespan)
     cluster_member = add_cluster_routes(app, host, tls, LocalJobs(moves, quick))
     add_diagnostics_routes(app, host, tls)  # ferry doctor's probes (api/diagnostics.py)
+    # GET /metrics for Prometheus (api/metrics.py, docs/observability.md)
+    queues = {"migration": slots, "storage": storage.slots}
+    install_metrics(app, AgentMetrics(host.vms, moves, queues, cluster_member))
 
     # identity, revocation, roles, throttling, audit log (api/security.py, docs/security.md)
     sec = install_security(app, host.state_dir, tls, require_client_cert)
@@ -254,6 +259,11 @@ def create_app(
     @app.get("/v1/migrations/{job_id}")
     async def show_migration(job_id: str) -> dict[str, Any]:
         return job_json(moves.get(job_id))
+
+    @app.get("/v1/migrations/{job_id}/trace")
+    async def migration_trace(job_id: str) -> dict[str, Any]:
+        job = moves.get(job_id)  # phase timeline, passes and samples (migration/trace.py)
+        return trace_json(job, moves.trace.load(job_id))
 
     @app.post("/v1/migrations/{job_id}/complete")
     async def complete_migration(job_id: str) -> dict[str, Any]:

@@ -770,10 +770,54 @@ def migration_list(output: OutputOpt = None) -> None:
 
 
 @migration_app.command("show")
-def migration_show(job_id: str, output: OutputOpt = None) -> None:
-    """One move with its phases, times and outcome."""
+def migration_show(
+    job_id: str,
+    trace: Annotated[
+        bool, typer.Option("--trace", help="the phase timeline and the memory passes")
+    ] = False,
+    output: OutputOpt = None,
+) -> None:
+    """One move with its phases, times and outcome (--trace: its timeline and passes)."""
     with _client() as c:
-        _emit(c.migration(job_id), output, _job_show)
+        if trace:
+            _emit(c.migration_trace(job_id), output, _trace_show)
+        else:
+            _emit(c.migration(job_id), output, _job_show)
+
+
+def _trace_show(tr: dict[str, Any]) -> None:
+    """``ferry migration show ID --trace``: phase timeline, then one row per memory pass."""
+    out.print(f"{tr['kind']} move {tr['id']}: {tr['vm']} {tr['source']} → {tr['destination']} "
+              f"({tr['state']}, {tr.get('total_s')} s)", highlight=False)  # fmt: skip
+    t = Table()
+    for col in ("PHASE", "AT s", "SECS"):
+        t.add_column(col, justify="left" if col == "PHASE" else "right")
+    for ph in tr["phases"]:
+        t.add_row(ph["phase"], f"{ph['start_s']:.3f}",
+                  f"{ph['duration_s']:.3f}" + (" …" if ph["open"] else ""))  # fmt: skip
+    out.print(t)
+    if not tr["passes"]:
+        out.print("no memory passes recorded", highlight=False)
+    else:
+        p = Table(title="memory passes", title_justify="left", box=None, pad_edge=False)
+        for col in ("PASS", "PHASE", "AT s", "SECS", "SENT MiB", "LEFT MiB", "DIRTY MB/s",
+                    "Mbit/s", "THR %"):  # fmt: skip
+            p.add_column(col, justify="left" if col == "PHASE" else "right")
+        for r in tr["passes"]:
+            p.add_row(str(r["pass"]), r["phase"], f"{r['start_s']:.3f}", f"{r['duration_s']:.3f}",
+                      f"{r['bytes'] / 2**20:,.1f}", f"{r['remaining_bytes'] / 2**20:,.1f}",
+                      f"{r['dirty_rate_bps'] / 1e6:,.1f}", f"{r['mbps']:,.0f}",
+                      "-" if r["throttle_pct"] is None else str(r["throttle_pct"]))  # fmt: skip
+        out.print(p)
+    disk = [s for s in tr["samples"] if s["disk_total"]]
+    if disk:
+        last = disk[-1]
+        done, total = last["disk_transferred"] / 2**20, last["disk_total"] / 2**20
+        out.print(f"disk copy: {done:,.1f} of {total:,.1f} MiB at {last['t']:.1f} s",
+                  highlight=False)  # fmt: skip
+    out.print(f"{len(tr['samples'])} samples (every {tr['interval_s']:g} s and at each pass or "
+              f"phase; {tr['dropped_samples']} thinned out); --output json for all of them",
+              highlight=False)  # fmt: skip
 
 
 @migration_app.command("cancel")

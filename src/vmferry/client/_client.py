@@ -174,6 +174,25 @@ class FerryClient:
         result: dict[str, Any] = self.request("GET", f"/v1/migrations/{job_id}")
         return result
 
+    def migration_trace(self, job_id: str) -> dict[str, Any]:
+        """A move's trace: phase timeline, memory passes and figure samples."""
+        result: dict[str, Any] = self.request("GET", f"/v1/migrations/{job_id}/trace")
+        return result
+
+    def metrics_text(self) -> str:
+        """The agent's Prometheus metrics (text exposition format)."""
+        try:
+            resp = self._http.get("/metrics")
+        except httpx.TransportError as exc:
+            raise UnreachableError(f"cannot reach the agent at {self.endpoint.url}: {exc}") from exc
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            check_response(resp.status_code, body, f"{self.endpoint.url}/metrics")
+        return resp.text
+
     def complete_migration(self, job_id: str) -> dict[str, Any]:
         """Finish a move whose hand-over to the destination agent failed after QEMU completed."""
         result: dict[str, Any] = self.request("POST", f"/v1/migrations/{job_id}/complete")

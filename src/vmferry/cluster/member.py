@@ -122,6 +122,10 @@ class ClusterMember:
         self.fenced_vms: list[str] = []
         self.fence_pending: FenceRecord | None = None
         self.last_error: str | None = None
+        #: Since the agent started (read by the metrics): lease renewals and self-fences.
+        self.renewals_ok = 0
+        self.renewals_failed = 0
+        self.fences = 0
         self._etcd: Etcd | None = None
         self._etcd_key: Any = None
         self._vms_rev = 0  # store revision the clustered list is current at (0: read it)
@@ -212,10 +216,16 @@ class ClusterMember:
             return
         store = ClusterStore(etcd)
         if self.lease:  # renew first: it is what keeps the VMs allowed to run
-            ttl = await asyncio.to_thread(etcd.keepalive, self.lease, RENEW_BUDGET_S)
+            try:
+                ttl = await asyncio.to_thread(etcd.keepalive, self.lease, RENEW_BUDGET_S)
+            except EtcdUnavailable:
+                self.renewals_failed += 1
+                raise
             if ttl > 0:
+                self.renewals_ok += 1
                 self.last_ok, self.last_ok_wall = t_send, time.time()
             else:
+                self.renewals_failed += 1
                 log.error("cluster: lease %x had expired", self.lease)
                 await self.fence("the lease had expired")
                 self.lease = 0
@@ -342,6 +352,7 @@ class ClusterMember:
                 log.error("cluster: fencing VM %s failed: %s", name, exc)
         self.fenced_at = time.time()
         self.fenced_vms = stopped
+        self.fences += 1
         if guard.running_guard(self.state_dir) is not None:
             guard.write_orders(self.state_dir, 0.0, [])  # nothing left for it to stop
         log.error("cluster: node %s fenced itself (%s); stopped %s", self.node, reason, stopped)

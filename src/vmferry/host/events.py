@@ -66,6 +66,8 @@ class EventLog:
         self._host = host
         self._lock = threading.Lock()
         self._writes = 0
+        #: Called with ``(kind, level)`` after each event is written (the agent's metrics).
+        self.listeners: list[Callable[[str, Level], None]] = []
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -109,10 +111,16 @@ class EventLog:
                         "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
                         (MAX_ROWS,),
                     )
-                return int(cur.lastrowid or 0)
+                event_id = int(cur.lastrowid or 0)
         except (sqlite3.Error, TypeError, ValueError) as exc:
             log.error("event not recorded (%s: %s): %s", kind, message, exc)
             return 0
+        for listener in self.listeners:
+            try:
+                listener(kind, level)
+            except Exception:  # an observer must never fail the operation
+                log.exception("event listener failed on %s", kind)
+        return event_id
 
     def query(
         self,

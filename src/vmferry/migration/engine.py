@@ -49,6 +49,7 @@ from vmferry.migration.qemu_ops import (
     set_stream_limits,
 )
 from vmferry.migration.slots import Slots
+from vmferry.migration.trace import TraceRecorder
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
 from vmferry.qemu.tls import X509Files, prepare_creds_dir
 
@@ -76,6 +77,9 @@ class Peer(Protocol):
 
 
 PeerFactory = Callable[[Destination], Peer]
+#: Told ``("started", job)`` when a job of any kind is created and ``("ended", job)`` once it
+#: completed, failed or was cancelled (the API's metrics listen; see api/metrics.py).
+JobListener = Callable[[str, Job], None]
 
 
 #: Pre-copy passes the auto policy accepts before it prefers post-copy.
@@ -142,7 +146,12 @@ class Moves:
         self._pass_remaining: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._last_save = 0.0
+        #: Samples of every job's figures (``<id>.trace.json``, migration/trace.py).
+        self.trace = TraceRecorder(self.dir)
+        self.listeners: list[JobListener] = []
         for path in sorted(self.dir.glob("*.json")):
+            if path.name.endswith(".trace.json"):
+                continue
             try:
                 job = Job.model_validate_json(path.read_text())
             except ValueError:
@@ -150,9 +159,21 @@ class Moves:
             self.jobs[job.id] = job
         #: Jobs whose outcome event is written (those found ended on disk had theirs).
         self._ended: set[str] = {j.id for j in self.jobs.values() if j.state.terminal}
+        self._announced: set[str] = set(self.jobs)
+
+    def _tell(self, what: str, job: Job) -> None:
+        for listener in self.listeners:
+            try:
+                listener(what, job)
+            except Exception:  # an observer must never fail a move
+                log.exception("job listener failed on %s of %s", what, job.id)
 
     # -- records ---------------------------------------------------------------------------
     def _save(self, job: Job, force: bool = True) -> None:
+        if job.id not in self._announced:
+            self._announced.add(job.id)
+            self._tell("started", job)
+        self.trace.sample(job)
         now = time.monotonic()
         if not force and now - self._last_save < 0.5:
             return
@@ -196,6 +217,7 @@ class Moves:
                   "qemu_downtime_ms": job.qemu_downtime_ms, "phase": job.phase.value,
                   "fix": job.error.fix if job.error else None},
         )  # fmt: skip
+        self._tell("ended", job)
 
     def all(self) -> list[Job]:
         """All jobs, newest first."""
@@ -730,6 +752,8 @@ class Moves:
         p.mbps = float(ram.get("mbps", p.mbps))
         page = int(ram.get("page-size", 4096))
         p.dirty_rate_bps = float(ram.get("dirty-pages-rate", 0)) * page
+        throttle = info.get("cpu-throttle-percentage")
+        p.throttle_pct = int(throttle) if throttle is not None else None
         p.expected_downtime_ms = info.get("expected-downtime", p.expected_downtime_ms)
         rate = p.mbps * 1e6 / 8
         p.eta_s = round(p.ram_remaining / rate, 1) if rate > 0 else None

@@ -175,6 +175,8 @@ class Progress(BaseModel):
     passes: int = 0
     mbps: float = 0.0
     dirty_rate_bps: float = 0.0
+    #: Auto-converge's current CPU throttle (QEMU's ``cpu-throttle-percentage``), if any.
+    throttle_pct: int | None = None
     expected_downtime_ms: int | None = None
     eta_s: float | None = None
 

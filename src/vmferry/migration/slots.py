@@ -31,6 +31,11 @@ class Slots:
         name, limit = group
         return sum(1 for k in self.in_use if self._groups.get(k, ("",))[0] == name) < limit
 
+    @property
+    def waiting(self) -> int:
+        """How many keys wait in the queue (the metrics' queue length)."""
+        return sum(1 for _, fut in self._waiters if not fut.done())
+
     def position(self, key: str) -> int | None:
         """1-based place of ``key`` in the queue, or None if it is not waiting."""
         for i, (k, _) in enumerate(self._waiters, start=1):

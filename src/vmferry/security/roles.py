@@ -100,6 +100,8 @@ RULES: dict[tuple[str, str], Rule] = _rules(
     # security
     ("PUT", "/v1/security/crl", ADMIN),
     ("GET", "/v1/audit", ADMIN),
+    # Prometheus metrics (api/metrics.py): every role, so a viewer certificate can scrape
+    ("GET", "/metrics", READ),
 )
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
