@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 gcc libc6-dev cpio etcd-server etcd-client
-  tcpdump)  # tcpdump: the encrypted-migration test captures the migration link
+  tcpdump  # tcpdump: the encrypted-migration test captures the migration link
+  chromium)  # chromium: tests only (tests/browser drives it with Playwright; no browser download)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

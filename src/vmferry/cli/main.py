@@ -1807,6 +1807,12 @@ def doctor(
     raise typer.Exit(doc.exit_code(checks))
 
 
+# -- the web Admin Center (cli/admin.py, web/, docs/admin-center.md) -------------------------------
+from vmferry.cli.admin import admin_app  # noqa: E402
+
+app.add_typer(admin_app, name="admin")
+
+
 def main() -> None:
     """Console entry point."""
     app()
