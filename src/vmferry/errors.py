@@ -20,7 +20,7 @@ the bodies back into the same classes, so a CLI user sees the message the host w
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 class FerryError(Exception):
@@ -139,6 +139,25 @@ def error_from_dict(body: dict[str, Any]) -> FerryError:
     return cls(
         str(body.get("message", "unknown error")), field=body.get("field"), fix=body.get("fix")
     )
+
+
+class JsonResponse(Protocol):
+    """What :func:`checked_json` needs of an HTTP response (httpx's fits)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    def json(self) -> Any: ...
+
+
+def checked_json(resp: JsonResponse, where: str) -> Any:
+    """The JSON body of ``resp`` (None when it has none), after raising the error it carries."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    check_response(resp.status_code, body, where)
+    return body
 
 
 def check_response(status: int, body: Any, where: str) -> None:

@@ -103,7 +103,7 @@ def test_delegated_tickets_are_verified_by_source_and_destination(
                           delegate=["h7:live"])  # fmt: skip
         _refused(
             _incoming_as(lab, narrow.cert, narrow.key, "dl1", good, True),
-            "not allowed to delegate live moves to h2",
+            "may not act for users towards h2",
         )
 
         # a valid ticket: the move runs; the same ticket is refused afterwards everywhere

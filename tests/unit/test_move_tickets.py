@@ -264,7 +264,7 @@ def test_destination_verifies_ticket_source_and_delegation(
     with pytest.raises(ForbiddenError, match="sent by 'h1'"):
         asyncio.run(inc(allowed_src, vm="vm1", source="h9", service="live", ticket=t,
                         dry_run=False))  # fmt: skip
-    with pytest.raises(ForbiddenError, match="not allowed to delegate live moves to h2"):
+    with pytest.raises(ForbiddenError, match="may not act for users towards h2"):
         asyncio.run(inc(other_src, vm="vm1", source="h1", service="live", ticket=t,
                         dry_run=False))  # fmt: skip
     with pytest.raises(ForbiddenError, match="signed for vm"):

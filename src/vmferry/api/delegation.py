@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -110,8 +110,9 @@ class MoveAuthority:
                     fix="start the move with ferry, which signs one with your certificate",
                 )
             return
-        v = await asyncio.to_thread(self._verify, ticket)
-        check_binding(v, vm=vm, source=own, destination=destination, service=service, user=who.cn)
+        v = await self._accept(ticket, vm=vm, source=own, destination=destination,
+                               service=service, source_uris=self.own_uris, use=not what_if,
+                               user=who.cn)  # fmt: skip
         if who.serial is not None and v.serial != who.serial:
             raise ForbiddenError(
                 "move ticket refused: it was signed with another certificate than the "
@@ -119,16 +120,6 @@ class MoveAuthority:
                 field="ticket",
                 fix="sign the ticket with the certificate you call the agent with",
             )
-        if not may_delegate(self.own_uris, service, destination):
-            raise ForbiddenError(
-                f"host {own} may not act for users towards {destination} ({service} moves): "
-                "its certificate does not list that delegation target",
-                field="destination",
-                fix=f"reissue {own}'s certificate with --delegate {destination}:{service} "
-                "(ferry cert issue host ...) and restart its agent",
-            )
-        if not what_if:
-            await asyncio.to_thread(self.nonces.use, v.claims)
 
     async def check_incoming(
         self,
@@ -164,15 +155,33 @@ class MoveAuthority:
                     f"{own} to the same mode (ferry host set --migration-authentication ...)",
                 )
             return
+        await self._accept(ticket, vm=vm, source=source, destination=own, service=service,
+                           source_uris=caller.uris, use=not dry_run)  # fmt: skip
+
+    async def _accept(
+        self,
+        ticket: SignedTicket,
+        *,
+        vm: str,
+        source: str,
+        destination: str,
+        service: Service,
+        source_uris: Sequence[str],
+        use: bool,
+        user: str | None = None,
+    ) -> Verified:
+        """Verify a ticket, its binding and the source's delegation target; record its nonce
+        when ``use`` (not for a what-if or dry run)."""
         v = await asyncio.to_thread(self._verify, ticket)
-        check_binding(v, vm=vm, source=source, destination=own, service=service)
-        if not may_delegate(caller.uris, service, own):
+        check_binding(v, vm=vm, source=source, destination=destination, service=service, user=user)
+        if not may_delegate(source_uris, service, destination):
             raise ForbiddenError(
-                f"host {source} is not allowed to delegate {service} moves to {own}: its "
-                "certificate does not list that target",
+                f"host {source} may not act for users towards {destination} ({service} moves): "
+                "its certificate does not list that delegation target",
                 field="source",
-                fix=f"reissue {source}'s certificate with --delegate {own}:{service} "
+                fix=f"reissue {source}'s certificate with --delegate {destination}:{service} "
                 "(ferry cert issue host ...) and restart its agent",
             )
-        if not dry_run:
+        if use:
             await asyncio.to_thread(self.nonces.use, v.claims)
+        return v

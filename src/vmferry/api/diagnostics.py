@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field, field_validator
 
 from vmferry.api.peer import AgentTLS
-from vmferry.errors import FerryError, RefusedError, UnreachableError, check_response
+from vmferry.errors import FerryError, RefusedError, UnreachableError, checked_json
 from vmferry.host import Host
 from vmferry.validation import check_agent_url
 
@@ -132,22 +132,18 @@ class _PeerAgent:
     """Short GETs to another agent with this agent's certificate."""
 
     def __init__(self, tls: AgentTLS | None) -> None:
-        self._verify: ssl.SSLContext | bool = tls.context() if tls else False
+        self._tls = tls
 
     async def get(self, url: str, path: str) -> Any:
+        verify: ssl.SSLContext | bool = self._tls.context() if self._tls else False  # + CRL
         try:
-            async with httpx.AsyncClient(verify=self._verify, timeout=CONNECT_TIMEOUT_S) as http:
+            async with httpx.AsyncClient(verify=verify, timeout=CONNECT_TIMEOUT_S) as http:
                 r = await http.get(f"{url}{path}")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UnreachableError(
                 f"the agent at {url} did not answer: {exc.__class__.__name__} {exc}"
             ) from exc
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        check_response(r.status_code, data, url)
-        return data
+        return checked_json(r, url)
 
 
 async def _resolve(hostname: str) -> list[str]:

@@ -12,23 +12,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 
+from vmferry.cli.console import err
+from vmferry.cli.console import fail as _fail
 from vmferry.client import FerryError, load_config, resolve_host
-from vmferry.errors import RefusedError, UnreachableError, check_response
+from vmferry.errors import RefusedError, UnreachableError, checked_json
 
 admin_app = typer.Typer(help="The web Admin Center.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(exc: FerryError) -> None:
-    err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    if exc.field:
-        err.print(f"  field: {exc.field}", highlight=False)
-    if exc.fix:
-        err.print(f"  fix:   {exc.fix}", highlight=False)
-    raise typer.Exit(1)
 
 
 def _default_state_dir() -> Path:
@@ -152,11 +142,7 @@ def request_token(
             f"cannot reach the Admin Center at {url}: {exc}",
             fix="is ferry admin serve running there, and does its certificate name this address?",
         ) from exc
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    check_response(resp.status_code, body, target)
+    body = checked_json(resp, target)
     if not isinstance(body, dict) or "token" not in body:
         raise UnreachableError(f"{target} did not answer with a token")
     return body

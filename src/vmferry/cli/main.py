@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from vmferry.cli.console import err, out
+from vmferry.cli.console import fail as _fail
 from vmferry.client import FerryClient, FerryError, load_config, resolve_host
 
 app = typer.Typer(help="vmferry: move running VMs between hosts.", no_args_is_help=True)
@@ -32,9 +33,6 @@ migration_app = typer.Typer(help="Watch and cancel live moves.", no_args_is_help
 app.add_typer(migration_app, name="migration")
 mignet_app = typer.Typer(help="Networks this host migrates over.", no_args_is_help=True)
 host_app.add_typer(mignet_app, name="migration-network")
-
-out = Console()
-err = Console(stderr=True)
 
 
 class Output(StrEnum):
@@ -65,15 +63,6 @@ def _main(
 ) -> None:
     G.host = host
     G.output = output
-
-
-def _fail(exc: FerryError) -> None:
-    err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    if exc.field:
-        err.print(f"  field: {exc.field}", highlight=False)
-    if exc.fix:
-        err.print(f"  fix:   {exc.fix}", highlight=False)
-    raise typer.Exit(1)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from vmferry.client._config import HostEndpoint
-from vmferry.errors import RefusedError, UnreachableError, check_response
+from vmferry.errors import RefusedError, UnreachableError, checked_json
 from vmferry.security.tickets import DEFAULT_TICKET_S, SignedTicket, sign_ticket
 
 
@@ -57,12 +57,7 @@ class FerryClient:
             ) from exc
         if resp.status_code == 204:
             return None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        check_response(resp.status_code, body, f"{self.endpoint.url}{path}")
-        return body
+        return checked_json(resp, f"{self.endpoint.url}{path}")
 
     # -- host ------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -186,11 +181,7 @@ class FerryClient:
         except httpx.TransportError as exc:
             raise UnreachableError(f"cannot reach the agent at {self.endpoint.url}: {exc}") from exc
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            check_response(resp.status_code, body, f"{self.endpoint.url}/metrics")
+            checked_json(resp, f"{self.endpoint.url}/metrics")
         return resp.text
 
     def complete_migration(self, job_id: str) -> dict[str, Any]:
