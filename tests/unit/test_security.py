@@ -366,3 +366,16 @@ def test_expired_certificate_not_after_in_the_past(
     assert cert.not_valid_after_utc < dt.datetime.now(dt.UTC)
     assert cert.not_valid_before_utc < cert.not_valid_after_utc
     assert [c["state"] for c in ca.certificates()] == ["expired"]
+
+
+def test_server_only_certificate_names_no_role_and_cannot_be_a_client(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    p = ca.issue(tmp_path / "srv", "admin-center", role=None, server_names=["127.0.0.1"],
+                 client=False)  # fmt: skip
+    cert = x509.load_pem_x509_certificate(p.cert.read_bytes())
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert cert_role(cert) is None  # an agent answers 403 to a certificate without a role

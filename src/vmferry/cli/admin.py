@@ -28,7 +28,7 @@ def _default_state_dir() -> Path:
 @admin_app.command("serve")
 def serve(
     tls_cert: Annotated[
-        Path, typer.Option("--tls-cert", help="HTTPS certificate (ferry cert issue host ...)")
+        Path, typer.Option("--tls-cert", help="HTTPS certificate (ferry cert issue server ...)")
     ],
     tls_key: Annotated[Path, typer.Option("--tls-key", help="its key")],
     listen: Annotated[str, typer.Option("--listen", help="ADDRESS:PORT")] = "127.0.0.1:8443",

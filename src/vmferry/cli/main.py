@@ -1536,7 +1536,8 @@ def _issued(paths: Any, ca: Any, output: Output | None) -> None:
         data,
         output,
         lambda d: out.print(
-            f"issued {d['name']} (role {d['role']}, serial {d['serial']}): "
+            f"issued {d['name']} ({'role ' + d['role'] if d['role'] else 'server only, no role'}"
+            f", serial {d['serial']}): "
             f"{d['path']}, key {d['key']}"
         ),
     )
@@ -1591,6 +1592,46 @@ def cert_issue_host(
         paths = ca.issue(
             out_dir or ca.dir / "certs", name, role="host",
             server_names=[*ip, *(dns or [])], days=days, delegate=delegate,
+        )  # fmt: skip
+    except FerryError as exc:
+        _fail(exc)
+    _issued(paths, ca, output)
+
+
+@issue_app.command("server")
+def cert_issue_server(
+    name: str,
+    ip: Annotated[
+        list[str] | None, typer.Option("--ip", help="an address clients connect to")
+    ] = None,
+    dns: Annotated[list[str] | None, typer.Option("--dns", help="a DNS name of the server")] = None,
+    ca_dir: CaDirOpt = None,
+    out_dir: OutDirOpt = None,
+    days: DaysOpt = 825,
+    output: OutputOpt = None,
+) -> None:
+    """Issue a server-only certificate with no role (the Admin Center's HTTPS): agents refuse
+    it as a client, so its key cannot act as a host or a user."""
+    import ipaddress
+
+    for a in ip or []:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            _fail(FerryError(f"{a!r} is not an IP address", field="--ip", fix="--ip 192.0.2.10"))
+    if not ip and not dns:
+        _fail(
+            FerryError(
+                "a server certificate needs a name",
+                field="--ip",
+                fix="--ip ADDRESS and/or --dns NAME (what browsers connect to)",
+            )
+        )
+    try:
+        ca = _ca(ca_dir)
+        paths = ca.issue(
+            out_dir or ca.dir / "certs", name, role=None,
+            server_names=[*(ip or []), *(dns or [])], client=False, days=days,
         )  # fmt: skip
     except FerryError as exc:
         _fail(exc)
