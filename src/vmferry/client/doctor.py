@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from vmferry.client._client import FerryClient
 from vmferry.client._config import ClientConfig, HostEndpoint
 from vmferry.errors import FerryError, NotFoundError, RefusedError, UnreachableError
+from vmferry.security.tickets import delegation_targets, may_delegate
 
 Status = Literal["pass", "warn", "fail"]
 
@@ -781,8 +782,6 @@ def check_delegation(src: HostView, dst: HostView) -> list[Check]:
                 "check the client configuration's CA",
             )
         ]
-    from vmferry.security.tickets import delegation_targets, may_delegate
-
     targets = ", ".join(f"{h}:{s}" for s, h in delegation_targets(src.cert.uris)) or "none"
     if may_delegate(src.cert.uris, "live", dst.name):
         return [
