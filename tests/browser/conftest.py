@@ -1,66 +1,54 @@
-"""Fixtures of the browser tests: a 2-host lab, the Admin Center in front of it, chromium.
+"""Fixtures of the browser tests: 2-host labs (standalone, or with the lab's etcd for
+clusters), the Admin Center in front of them, chromium.
 
-The lab helpers (``LabHandle``, ``wait_for``, ``needs_lab``) are the integration tests' own,
-loaded from ``tests/integration/conftest.py`` under another module name (this directory
-cannot see that conftest's fixtures). The lab here lives only for this directory's module:
-the browser tests run before ``tests/integration`` and tear their lab down first.
+Each lab here lives only for one module: the browser tests run before ``tests/integration``
+and tear their labs down first. Helpers that are not fixtures are in ``browser_support.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import os
 import shutil
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from types import FunctionType
 from typing import Any
 
 import pytest
+from browser_support import CHROMIUM, CHROMIUM_ARGS, AdminCenter, LabHandle, helpers
 
 from vmferry.client import HostEndpoint
 from vmferry.lab import Lab
 from vmferry.security import CertificateAuthority, CertPaths
 
-_spec = importlib.util.spec_from_file_location(
-    "vmferry_integration_helpers", Path(__file__).parents[1] / "integration" / "conftest.py"
+# The helpers of tests/integration/conftest.py (not its fixtures) under the same names: the
+# integration modules take them from ``conftest``, which is this module when pytest loaded it
+# last (browser tests import test_failover and test_cluster_moves; ``pytest tests/integration
+# tests/browser`` loads both conftests before importing any test module).
+globals().update(
+    {
+        k: v
+        for k, v in vars(helpers).items()
+        if k == "needs_lab"
+        or (isinstance(v, (type, FunctionType)) and v.__module__ == helpers.__name__)
+    }
 )
-assert _spec is not None and _spec.loader is not None
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
-LabHandle = helpers.LabHandle
-wait_for = helpers.wait_for
-needs_lab = helpers.needs_lab
-cleanup_vms = helpers.cleanup_vms
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-needs_browser = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("playwright") is None, reason="needs the playwright package"
-    ),
-]
 
 
-@pytest.fixture(scope="module")
-def lab2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A 2-host lab without etcd (standalone hosts), for this module only."""
+@contextlib.contextmanager
+def _lab(base: Path, etcd_members: int) -> Iterator[Any]:
+    """A 2-host lab under ``base`` with its own client configuration, torn down after."""
     if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
         pytest.skip("the lab needs root and QEMU")
-    base = tmp_path_factory.mktemp("browser-lab")
+    if etcd_members and shutil.which("etcd") is None:
+        pytest.skip("the cluster lab needs etcd")
     old = os.environ.get("FERRY_CONFIG")
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
     lab = Lab(base / "lab")
     try:
-        lab.up(2, etcd_members=0)
+        lab.up(2, etcd_members=etcd_members)
         yield LabHandle(lab)
     finally:
         lab.down()
@@ -70,14 +58,18 @@ def lab2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             os.environ["FERRY_CONFIG"] = old
 
 
-@dataclass
-class AdminCenter:
-    """A running Admin Center: its URL, the CA, and a user certificate to get tokens with."""
+@pytest.fixture(scope="module")
+def lab2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A 2-host lab without etcd (standalone hosts), for this module only."""
+    with _lab(tmp_path_factory.mktemp("browser-lab"), 0) as handle:
+        yield handle
 
-    url: str
-    ca: Path
-    user: CertPaths
-    state_dir: Path
+
+@pytest.fixture(scope="module")
+def lab_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A 2-host lab with the lab's 3-member etcd (for clusters), for this module only."""
+    with _lab(tmp_path_factory.mktemp("browser-cluster-lab"), 3) as handle:
+        yield handle
 
 
 def _free_port() -> int:
@@ -86,9 +78,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def admin_center(lab2: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminCenter]:
-    """``ferry admin serve`` in a thread of this process, in front of the lab's agents.
+@contextlib.contextmanager
+def _serve(lab: Any, d: Path) -> Iterator[AdminCenter]:
+    """``ferry admin serve`` in a thread of this process, in front of ``lab``'s agents.
 
     Certificates as docs/admin-center.md says: an HTTPS certificate issued like
     ``ferry cert issue host admin-center --ip 127.0.0.1``, and a service identity issued like
@@ -96,14 +88,14 @@ def admin_center(lab2: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """
     from vmferry.web import Agents, ServerTLS, WebSettings, create_app, make_server, start_in_thread
 
-    d = tmp_path_factory.mktemp("admin-center")
-    ca = CertificateAuthority(lab2.lab.dir / "pki")
-    server = ca.issue(d, "admin-center", role="host", server_names=["127.0.0.1"])
+    ca = CertificateAuthority(lab.lab.dir / "pki")
+    # its HTTPS certificate: server-only, no role (ferry cert issue server)
+    server = ca.issue(d, "admin-center", role=None, server_names=["127.0.0.1"], client=False)
     svc = ca.issue(d, "admin-center-svc", role="admin")
     eps = {}
     for h in ("h1", "h2"):
-        lab2.client(h).close()  # checks that the agent's address routes via the lab
-        ep = lab2.lab.endpoint(h)
+        lab.client(h).close()  # checks that the agent's address routes via the lab
+        ep = lab.lab.endpoint(h)
         eps[h] = HostEndpoint(url=ep.url, ca=ep.ca, cert=str(svc.cert), key=str(svc.key))
     agents = Agents(eps)
     app = create_app(agents, WebSettings(state_dir=d / "state", crl_file=ca.crl_path,
@@ -115,14 +107,30 @@ def admin_center(lab2: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield AdminCenter(
             url=f"https://{listen}",
             ca=ca.cert_path,
-            user=CertPaths(lab2.lab.dir / "pki" / "operator.crt",
-                           lab2.lab.dir / "pki" / "operator.key", ca.cert_path),
+            user=CertPaths(lab.lab.dir / "pki" / "operator.crt",
+                           lab.lab.dir / "pki" / "operator.key", ca.cert_path),
             state_dir=d / "state",
         )  # fmt: skip
     finally:
         srv.should_exit = True
         thread.join(15)
         agents.close()
+
+
+@pytest.fixture(scope="module")
+def admin_center(lab2: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminCenter]:
+    """The Admin Center in front of ``lab2`` (standalone hosts)."""
+    with _serve(lab2, tmp_path_factory.mktemp("admin-center")) as ac:
+        yield ac
+
+
+@pytest.fixture(scope="module")
+def admin_center_etcd(
+    lab_etcd: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdminCenter]:
+    """The Admin Center in front of ``lab_etcd`` (hosts that can form a cluster)."""
+    with _serve(lab_etcd, tmp_path_factory.mktemp("admin-center-etcd")) as ac:
+        yield ac
 
 
 @pytest.fixture(scope="module")

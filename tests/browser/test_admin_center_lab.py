@@ -1,40 +1,30 @@
-"""The Admin Center in a real browser against the lab: log in, see, move live, read the log."""
+"""The Admin Center in a real browser against the lab: log in, see, move live, read the log;
+move a running VM's storage through the storage form."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
-from conftest import ARTIFACTS, AdminCenter, cleanup_vms, needs_browser, needs_lab, wait_for
+from browser_support import (
+    ARTIFACTS,
+    AdminCenter,
+    admin_token,
+    cleanup_vms,
+    log_in,
+    needs_browser,
+    needs_lab,
+    off_loop,
+    wait_for,
+)
 
 pytestmark = [*needs_browser, *needs_lab]
 
 VM = "webui1"
-T = TypeVar("T")
-
-
-def off_loop(fn: Callable[[], T]) -> T:
-    """Run a lab call in a worker thread: Playwright's sync API keeps an asyncio loop running
-    in this thread, and pyroute2 (the lab's route check) needs one of its own."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(fn).result(timeout=300)
-
-
-def _token(ac: AdminCenter) -> dict[str, Any]:
-    """``ferry admin token`` with the lab's operator certificate (the real command)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "vmferry.cli.main", "admin", "token", "--url", ac.url,
-         "--cert", str(ac.user.cert), "--key", str(ac.user.key), "--ca", str(ac.ca), "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+STORAGE_VM = "webui2"
 
 
 def test_log_in_see_hosts_move_live_and_find_the_event(
@@ -43,21 +33,12 @@ def test_log_in_see_hosts_move_live_and_find_the_event(
     ARTIFACTS.mkdir(exist_ok=True)
     _, ip = off_loop(lambda: lab2.make_vm("h1", VM, roles="heartbeat,udpecho", memory=128))
     off_loop(lambda: lab2.wait_guest(ip))
-    tok = _token(admin_center)
+    tok = admin_token(admin_center)
     assert tok["cn"] == "operator" and tok["role"] == "operator"
-
-    # the Admin Center's certificate comes from the lab CA, which chromium does not know
-    ctx = chromium.new_context(ignore_https_errors=True, viewport={"width": 1366, "height": 768})
-    page = ctx.new_page()
-    page.set_default_timeout(30_000)
+    ctx, page = log_in(chromium, admin_center, tok["token"])
     urls: list[str] = []
     page.on("request", lambda r: urls.append(r.url))
     try:
-        page.goto(admin_center.url + "/")
-        assert page.url.endswith("/login")
-        page.fill("#token", tok["token"])
-        page.click("button[type=submit]")
-        page.wait_for_url(admin_center.url + "/")
         for host in ("h1", "h2"):
             row = page.locator(f'tr[data-host="{host}"]')
             assert row.is_visible() and "up" in row.inner_text()
@@ -112,3 +93,71 @@ def test_log_in_see_hosts_move_live_and_find_the_event(
     assert took < 180
     audit = (admin_center.state_dir / "audit" / "audit.jsonl").read_text()
     assert f'"message":"move {VM} to h2"' in audit and '"cn":"operator"' in audit
+
+
+def _vm(lab: Any, host: str, name: str) -> dict[str, Any]:
+    with lab.client(host) as c:
+        vm: dict[str, Any] = c.vm(name)
+    return vm
+
+
+def _disk_file(vm: dict[str, Any]) -> Path:
+    """The VM's first disk as the agent reports it (its folder joined with the file)."""
+    return Path(os.path.normpath(Path(vm["storage_dir"], vm["disks"][0]["file"])))
+
+
+def test_storage_move_through_the_form_keeps_the_vm_running(
+    lab2: Any, admin_center: AdminCenter, chromium: Any
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    _, ip = off_loop(
+        lambda: lab2.make_vm("h1", STORAGE_VM, roles="heartbeat,udpecho", disk_mib=16, memory=128)
+    )
+    off_loop(lambda: lab2.wait_guest(ip))
+    before = off_loop(lambda: _vm(lab2, "h1", STORAGE_VM))
+    old_disk = _disk_file(before)
+    assert old_disk.is_file()
+    # another folder under h1's first storage root (absolute, as an admin would type it)
+    target = lab2.lab.host_dir("h1") / "storage" / "moved" / STORAGE_VM
+    hb = off_loop(lambda: lab2.stat(ip))["hb"]
+    ctx, page = log_in(chromium, admin_center, admin_token(admin_center)["token"])
+    try:
+        row = page.locator(f'tr[data-vm="{STORAGE_VM}"]')
+        assert "running" in row.inner_text()
+        row.locator("a", has_text="Move storage").click()
+        page.wait_for_url(re.compile(r"/storage\?vm="))
+        assert before["storage_dir"] in page.inner_text("main")  # where it is now
+        page.fill("#to", str(target))
+        page.screenshot(path=str(ARTIFACTS / "6-storage-form.png"), full_page=True)
+        page.click('form[action="/storage/start"] button[type=submit]')
+        page.wait_for_url(re.compile(r"/migrations/h1/[0-9a-f]+$"))
+        job_id = page.url.rsplit("/", 1)[1]
+        assert "Storage move" in page.inner_text("h1")
+        ended = ", ".join(
+            f'.progress-line[data-state="{st}"]' for st in ("completed", "failed", "cancelled")
+        )
+        page.wait_for_selector(ended, timeout=180_000)
+        state = page.inner_text("#job-state").strip()
+        page.screenshot(path=str(ARTIFACTS / "7-storage-move.png"), full_page=True)
+        assert state == "completed", page.inner_text("main")
+
+        # the agent's view: new folder and disk file, the VM still running, the guest not
+        # restarted (its heartbeat counter kept counting)
+        after = off_loop(lambda: _vm(lab2, "h1", STORAGE_VM))
+        assert os.path.normpath(after["storage_dir"]) == str(target)
+        new_disk = _disk_file(after)
+        assert new_disk != old_disk and new_disk.parent == target
+        assert new_disk.is_file() and not old_disk.exists()
+        assert after["state"] == "running" and after["uuid"] == before["uuid"]
+        assert off_loop(lambda: lab2.stat(ip))["hb"] > hb, "the guest restarted"
+
+        # and the storage form now shows the new folder
+        page.goto(admin_center.url + f"/storage?vm={STORAGE_VM}")
+        assert str(target) in page.inner_text("main")
+        page.goto(admin_center.url + "/moves")
+        assert "completed" in page.locator(f'tr[data-job="{job_id}"]').inner_text()
+    finally:
+        ctx.close()
+        off_loop(lambda: cleanup_vms(lab2, STORAGE_VM))
+    audit = (admin_center.state_dir / "audit" / "audit.jsonl").read_text()
+    assert f'"message":"storage move of {STORAGE_VM}"' in audit

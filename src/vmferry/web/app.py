@@ -446,10 +446,15 @@ def create_app(agents: Agents, settings: WebSettings) -> FastAPI:
             )
         return max(fits, key=lambda n: free[n])
 
-    def _move_request(form: dict[str, str], dest: str) -> dict[str, Any]:
+    def _move_request(form: dict[str, str], dest: str, clustered: bool = False) -> dict[str, Any]:
+        """The agent's move request for the wizard's form. A clustered VM moves through the
+        cluster, which keeps its files on the shared volume (VM only): its what-if checks
+        exactly that, whatever storage the form names."""
         storage = form.get("storage", "single")
         options: dict[str, Any] = {"quick": form.get("mode") == "quick"}
-        if not options["quick"]:
+        if clustered:
+            options["vm_only"] = not options["quick"]
+        elif not options["quick"]:
             if storage == "vm-only":
                 options["vm_only"] = True
             elif storage == "per-item":
@@ -478,7 +483,7 @@ def create_app(agents: Agents, settings: WebSettings) -> FastAPI:
                 dest = await asyncio.to_thread(
                     _best_candidate, ctx["source"], ctx["cluster"], int(ctx["vm"]["memory_mib"])
                 )
-            req = _move_request(form, agents.known(dest))
+            req = _move_request(form, agents.known(dest), ctx["clustered"])
             plan = await asyncio.to_thread(
                 agents.client(ctx["source"]).move, vm, {**req, "what_if": True}
             )
