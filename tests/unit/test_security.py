@@ -379,3 +379,14 @@ def test_server_only_certificate_names_no_role_and_cannot_be_a_client(
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert cert_role(cert) is None  # an agent answers 403 to a certificate without a role
+
+
+def test_renewed_crl_has_the_next_number_and_the_same_serials(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    ca.issue(tmp_path / "u", "carol", role=Role.viewer)
+    ca.revoke("carol")
+    before = verify_crl(ca.crl_pem(), ca.cert_path)
+    after = verify_crl(ca.renew_crl(), ca.cert_path)
+    assert after.number == before.number + 1
+    assert after.serials == before.serials and after.next_update is not None

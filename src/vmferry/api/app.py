@@ -86,6 +86,8 @@ def create_app(
 ) -> FastAPI:
     """Build the API for ``host``. Client certificates are required unless told otherwise."""
     slots = Slots(lambda: host.settings.migration.max_concurrent)
+    # agent -> agent calls check peers' server certificates against this agent's CRL too
+    tls = tls.with_state_dir(host.state_dir) if tls else None
     # QEMU encrypts migration streams and NBD copies with the agent's own certificate.
     x509 = X509Files(tls.cert, tls.key, tls.ca) if tls else None
     incoming = IncomingMoves(host.vms, lambda: host.settings, slots, x509)

@@ -17,12 +17,14 @@ class HttpClusterPeer:
     """Short HTTPS calls to other agents with this agent's certificate."""
 
     def __init__(self, tls: AgentTLS | None, timeout: float = 10.0) -> None:
-        self._verify: ssl.SSLContext | bool = tls.context() if tls else False
+        self._tls = tls
         self._timeout = timeout
 
     async def _call(self, method: str, url: str, body: Any = None) -> Any:
+        # The context per call: rebuilt by AgentTLS when the CRL was replaced.
+        verify: ssl.SSLContext | bool = self._tls.context() if self._tls else False
         try:
-            async with httpx.AsyncClient(verify=self._verify, timeout=self._timeout) as http:
+            async with httpx.AsyncClient(verify=verify, timeout=self._timeout) as http:
                 r = await http.request(method, url, json=body)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UnreachableError(

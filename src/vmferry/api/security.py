@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.routing import Match
 
-from vmferry.api.peer import AgentTLS
+from vmferry.api.peer import CRL_FILE, AgentTLS
 from vmferry.errors import (
     AuthError,
     ConflictError,
@@ -67,10 +67,14 @@ class CRLUpload(BaseModel):
 
 
 class CRLStore:
-    """The newest verified CRL of this agent, kept in ``<state>/security/crl.pem``."""
+    """The newest verified CRL of this agent, kept in ``<state>/security/crl.pem``.
+
+    The agent's client side (:meth:`AgentTLS.context`) reads the same file, so a replaced CRL
+    also applies to the server certificates of the agents this one calls.
+    """
 
     def __init__(self, state_dir: Path, ca: Path | None) -> None:
-        self.path = state_dir / "security" / "crl.pem"
+        self.path = state_dir / CRL_FILE
         self.ca = ca
         self.current: Revocations | None = None
         if ca is not None and self.path.exists():

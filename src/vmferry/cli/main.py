@@ -1741,11 +1741,12 @@ def cert_revoke(
 
 @cert_app.command("push-crl")
 def cert_push_crl(ca_dir: CaDirOpt = None, output: OutputOpt = None) -> None:
-    """Send the CA's current revocation list to every host of the client configuration."""
+    """Sign the revocation list afresh (valid another year) and send it to every host of the
+    client configuration; run it at least yearly (agents skip an expired list)."""
     ca = _ca(ca_dir)
     if not ca.exists():
         _fail(FerryError(f"no CA in {ca.dir}", field="--ca-dir", fix=f"ferry ca init {ca.dir}"))
-    _push_report(_push_crl(ca.crl_pem()), output, {"crl": str(ca.crl_path)})
+    _push_report(_push_crl(ca.renew_crl()), output, {"crl": str(ca.crl_path)})
 
 
 def _since(text: str) -> float:

@@ -281,7 +281,8 @@ class Moves:
             return CheckResult(
                 name="encryption",
                 ok=ok,
-                message="the memory stream and disk copy are encrypted (TLS, host certificates)"
+                message=f"{s.name} sends the memory stream and disk copy encrypted (TLS, its "
+                "host certificate)"
                 if ok
                 else f"{s.name}'s agent has no certificate for QEMU's TLS",
                 fix=None if ok else "start ferryd with --tls-cert, --tls-key and --tls-ca",

@@ -32,7 +32,7 @@ from vmferry.migration.qemu_ops import (
 )
 from vmferry.migration.slots import Slots
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
-from vmferry.qemu.tls import X509Files, prepare_creds_dir
+from vmferry.qemu.tls import X509Files, host_identity, prepare_creds_dir
 
 log = logging.getLogger("vmferry.migration")
 
@@ -305,7 +305,8 @@ class IncomingMoves:
                 add(
                     "encryption",
                     self._tls is not None,
-                    "the memory stream and disk copy are encrypted (TLS, host certificates)"
+                    f"{s.name} receives the memory stream and disk copy encrypted (TLS, its "
+                    "host certificate)"
                     if self._tls is not None
                     else f"{s.name}'s agent has no certificate for QEMU's TLS",
                     "start ferryd with --tls-cert, --tls-key and --tls-ca",
@@ -428,7 +429,9 @@ class IncomingMoves:
                 creds = await asyncio.to_thread(
                     prepare_creds_dir, self._tls, self.vms.state_dir / "tls" / "qemu"
                 )
-                await enable_tls(q, creds, "server")
+                # Only the source host's certificate may connect (migration port and NBD);
+                # the API checked that the caller's certificate is that host's (delegation).
+                await enable_tls(q, creds, "server", peer_identity=host_identity(req.source))
             else:
                 await disable_tls(q)
         for addr in plan.candidates:
@@ -466,7 +469,7 @@ class IncomingMoves:
                 if inc.plan.mirrored:
                     await q.execute(
                         "nbd-server-start",
-                        nbd_server_args(address, inc.plan.nbd_port, inc.plan.encrypted),
+                        nbd_server_args(address, inc.plan.nbd_port, inc.plan.encrypted, authz=True),
                     )
                     for disk in inc.plan.mirrored:
                         await q.execute(
@@ -520,7 +523,8 @@ class IncomingMoves:
                     await q.execute("nbd-server-stop")
             if inc.plan.encrypted:
                 with contextlib.suppress(QmpError):
-                    await disable_tls(q)  # the stream is done; a later save needs no TLS
+                    # the stream is done (a later save needs no TLS): drop creds and authz
+                    await disable_tls(q)
         await self._close_oob(inc)
         info = self.vms.commit_incoming(name, paused, started_at)
         self.active.pop(job_id, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.qemu.qmp import QmpError, QmpSession
-from vmferry.qemu.tls import Endpoint, creds_object
+from vmferry.qemu.tls import Endpoint, authz_object, creds_object
 
 #: QEMU's default 128 MiB/s cap would throttle every move; this is "no cap".
 UNLIMITED_BPS = 1 << 40
@@ -64,36 +64,55 @@ async def set_stream_limits(q: QmpSession, bandwidth_mbps: int | None, downtime_
 
 #: The id of the ``tls-creds-x509`` object a move adds to a QEMU (one per QEMU at a time).
 TLS_CREDS_ID = "vmferry-move-tls"
+#: The id of the ``authz-simple`` object naming the one client a destination QEMU accepts.
+TLS_AUTHZ_ID = "vmferry-move-authz"
 
 
 async def enable_tls(
-    q: QmpSession, creds_dir: Path, endpoint: Endpoint, hostname: str | None = None
+    q: QmpSession,
+    creds_dir: Path,
+    endpoint: Endpoint,
+    hostname: str | None = None,
+    peer_identity: str | None = None,
 ) -> None:
     """Load the host's TLS credentials into QEMU and encrypt the migration stream with them.
 
     The object is (re)created for every move, so renewed certificates take effect without a
     VM restart. ``hostname`` (source side) is the name the destination's certificate must
-    carry; the server side requires a client certificate from the same CA.
+    carry; the server side requires a client certificate from the same CA and, with
+    ``peer_identity`` (the source host's distinguished name), that exact certificate subject:
+    QEMU then refuses every other certificate of the CA (``tls-authz``).
     """
-    with contextlib.suppress(QmpError):
-        await q.execute("object-del", {"id": TLS_CREDS_ID})
+    for obj in (TLS_CREDS_ID, TLS_AUTHZ_ID):
+        with contextlib.suppress(QmpError):
+            await q.execute("object-del", {"id": obj})
     await q.execute("object-add", creds_object(TLS_CREDS_ID, creds_dir, endpoint))
     params: dict[str, Any] = {"tls-creds": TLS_CREDS_ID, "tls-hostname": hostname or ""}
+    if peer_identity is not None:
+        await q.execute("object-add", authz_object(TLS_AUTHZ_ID, peer_identity))
+        params["tls-authz"] = TLS_AUTHZ_ID
     await q.execute("migrate-set-parameters", params)
 
 
 async def disable_tls(q: QmpSession) -> None:
-    """A clear-text migration stream (``--no-encryption``); drops a move's credentials."""
-    await q.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
-    with contextlib.suppress(QmpError):
-        await q.execute("object-del", {"id": TLS_CREDS_ID})
+    """A clear-text migration stream (``--no-encryption``); drops a move's credentials and
+    its ``authz`` object."""
+    await q.execute(
+        "migrate-set-parameters", {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
+    )
+    for obj in (TLS_CREDS_ID, TLS_AUTHZ_ID):
+        with contextlib.suppress(QmpError):
+            await q.execute("object-del", {"id": obj})
 
 
-def nbd_server_args(host: str, port: int, tls: bool) -> dict[str, Any]:
-    """``nbd-server-start`` arguments (destination); with ``tls`` clients must use TLS."""
+def nbd_server_args(host: str, port: int, tls: bool, authz: bool = False) -> dict[str, Any]:
+    """``nbd-server-start`` arguments (destination); with ``tls`` clients must use TLS, with
+    ``authz`` too their certificate must be the one :func:`enable_tls` admitted."""
     args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
     if tls:
         args["tls-creds"] = TLS_CREDS_ID
+        if authz:
+            args["tls-authz"] = TLS_AUTHZ_ID
     return args
 
 

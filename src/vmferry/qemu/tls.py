@@ -87,3 +87,32 @@ def creds_object(obj_id: str, directory: Path, endpoint: Endpoint) -> dict[str, 
         "endpoint": endpoint,
         "verify-peer": True,
     }
+
+
+#: RFC 4514 characters escaped with a backslash anywhere in an attribute value.
+_DN_SPECIAL = frozenset(',+"\\<>;')
+
+
+def dn_escape(value: str) -> str:
+    """Escape one attribute value the way RFC 4514 (and gnutls, which QEMU uses) writes it."""
+    out = "".join(f"\\{c}" if c in _DN_SPECIAL else c for c in value)
+    if out.startswith((" ", "#")):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def host_identity(common_name: str) -> str:
+    """The distinguished name QEMU reports for a vmferry host certificate named ``common_name``.
+
+    QEMU's TLS server hands the client certificate's DN, as gnutls formats it (RFC 4514, most
+    specific attribute first), to its ``authz`` object. vmferry's certificates carry only a
+    common name in their subject (``security.pki``), so the DN is ``CN=<name>``.
+    """
+    return f"CN={dn_escape(common_name)}"
+
+
+def authz_object(obj_id: str, identity: str) -> dict[str, Any]:
+    """QMP ``object-add`` arguments of an ``authz-simple`` object admitting one identity."""
+    return {"qom-type": "authz-simple", "id": obj_id, "identity": identity}

@@ -345,6 +345,12 @@ class CertificateAuthority:
         self._save_index(index)
         _atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
+    def renew_crl(self) -> str:
+        """Sign the CRL again (next number, valid another ``CRL_DAYS``) and return it."""
+        with self._locked():
+            self._sign_crl()
+        return self.crl_path.read_text()
+
     def crl_pem(self) -> str:
         """The current signed CRL (signed now if the CA predates revocation lists)."""
         if not self.crl_path.exists():
