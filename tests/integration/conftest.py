@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from vmferry.client import FerryClient, FerryError
 from vmferry.lab import Lab
 from vmferry.lab.lab import probe
+from vmferry.security.tickets import SignedTicket, sign_ticket
 
 T = TypeVar("T")
 
@@ -187,3 +190,20 @@ def start_stuck_move(lab: LabHandle, vm: str, **options: Any) -> tuple[int, dict
     with lab.client("h1") as c:
         wait_for(lambda: c.migration(job["id"])["phase"] == "precopy", 60, "precopy")
     return pid, job
+
+
+def admin_ticket(lab: LabHandle, vm: str, **kw: Any) -> SignedTicket:
+    """A move ticket signed with the lab admin's certificate (h1 -> h2 unless told)."""
+    pki = lab.lab.dir / "pki"
+    args: dict[str, Any] = {"vm": vm, "source": "h1", "destination": "h2"}
+    args.update(kw)
+    return sign_ticket(pki / "admin.crt", pki / "admin.key", **args)
+
+
+def post_incoming(lab: LabHandle, cert: Path, key: Path, body: dict[str, Any]) -> httpx.Response:
+    """POST an incoming move to h2's agent with the given client certificate."""
+    ep = lab.lab.endpoint("h2")
+    ctx = ssl.create_default_context(cafile=ep.ca)
+    ctx.load_cert_chain(str(cert), str(key))
+    with httpx.Client(verify=ctx, timeout=30) as http:
+        return http.post(f"{ep.url}/v1/migrations/incoming", json=body)

@@ -9,15 +9,13 @@ start a move. Every refusal leaves the VM running where it was.
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from conftest import LabHandle, needs_lab, vm_names, wait_job
+from conftest import LabHandle, admin_ticket, needs_lab, post_incoming, vm_names, wait_job
 
 from vmferry import __version__
 from vmferry.client import FerryError
@@ -25,20 +23,13 @@ from vmferry.errors import ForbiddenError
 from vmferry.host.spec import CONFIG_FILE
 from vmferry.lab.procs import run_in_netns
 from vmferry.security import CertificateAuthority, Role
-from vmferry.security.tickets import SignedTicket, sign_ticket
+from vmferry.security.tickets import SignedTicket
 
 pytestmark = needs_lab
 
 
 def _dest(lab: LabHandle, host: str) -> dict[str, str]:
     return {"name": host, "url": lab.lab.endpoint(host).url}
-
-
-def _admin_ticket(lab: LabHandle, vm: str, **kw: Any) -> SignedTicket:
-    pki = lab.lab.dir / "pki"
-    args: dict[str, Any] = {"vm": vm, "source": "h1", "destination": "h2"}
-    args.update(kw)
-    return sign_ticket(pki / "admin.crt", pki / "admin.key", **args)
 
 
 def _incoming_as(
@@ -53,15 +44,7 @@ def _incoming_as(
         "options": {}, "transport": "tcp", "streams": 1, "postcopy": False,
         "cpu_vendor": "x", "cpu_flags": [], "dry_run": dry_run, "ticket": ticket.model_dump(),
     }  # fmt: skip
-    return _post_incoming(lab, cert, key, body)
-
-
-def _post_incoming(lab: LabHandle, cert: Path, key: Path, body: dict[str, Any]) -> httpx.Response:
-    ep = lab.lab.endpoint("h2")
-    ctx = ssl.create_default_context(cafile=ep.ca)
-    ctx.load_cert_chain(str(cert), str(key))
-    with httpx.Client(verify=ctx, timeout=30) as http:
-        return http.post(f"{ep.url}/v1/migrations/incoming", json=body)
+    return post_incoming(lab, cert, key, body)
 
 
 def _refused(r: httpx.Response, text: str) -> None:
@@ -81,9 +64,9 @@ def test_delegated_tickets_are_verified_by_source_and_destination(
             with pytest.raises(ForbiddenError, match="needs a move ticket"):
                 c.move("dl1", req, sign=False)
             for bad, why in (
-                (_admin_ticket(lab, "dl1", destination="h9"), "signed for destination"),
-                (_admin_ticket(lab, "other"), "signed for vm"),
-                (_admin_ticket(lab, "dl1", now=time.time() - 400), "expired"),
+                (admin_ticket(lab, "dl1", destination="h9"), "signed for destination"),
+                (admin_ticket(lab, "other"), "signed for vm"),
+                (admin_ticket(lab, "dl1", now=time.time() - 400), "expired"),
             ):
                 with pytest.raises(ForbiddenError, match=why):
                     c.move("dl1", {**req, "ticket": bad.model_dump()})
@@ -92,7 +75,7 @@ def test_delegated_tickets_are_verified_by_source_and_destination(
 
         # the destination verifies on its own: forged contents, a source not allowed to
         # delegate to it (a host certificate without h2 among its targets)
-        good = _admin_ticket(lab, "dl1")
+        good = admin_ticket(lab, "dl1")
         forged = good.model_copy(update={"payload": good.payload[:-4] + "AAAA"})
         _refused(
             _incoming_as(lab, h1_tls / "h1.crt", h1_tls / "h1.key", "dl1", forged, True),
@@ -107,7 +90,7 @@ def test_delegated_tickets_are_verified_by_source_and_destination(
         )
 
         # a valid ticket: the move runs; the same ticket is refused afterwards everywhere
-        ticket = _admin_ticket(lab, "dl1")
+        ticket = admin_ticket(lab, "dl1")
         with lab.client("h1") as c:
             job = c.move("dl1", {**req, "ticket": ticket.model_dump()})
         assert wait_job(lab, "h1", job["id"])["state"] == "completed"
@@ -123,7 +106,7 @@ def test_delegated_tickets_are_verified_by_source_and_destination(
             "spec": spec, "options": {}, "transport": "tcp", "streams": 1, "postcopy": False,
             "cpu_vendor": "x", "cpu_flags": [], "dry_run": False, "ticket": ticket.model_dump(),
         }  # fmt: skip
-        _refused(_post_incoming(lab, h1_tls / "h1.crt", h1_tls / "h1.key", body), "replayed")
+        _refused(post_incoming(lab, h1_tls / "h1.crt", h1_tls / "h1.key", body), "replayed")
     finally:
         for host in ("h1", "h2"):
             if "dl1" in vm_names(lab, host):

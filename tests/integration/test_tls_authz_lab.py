@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import LabHandle, needs_lab, vm_names, wait_for
-from test_delegation import _admin_ticket, _post_incoming
+from conftest import LabHandle, admin_ticket, needs_lab, post_incoming, vm_names, wait_for
 
 from vmferry import __version__
 from vmferry.host.host import cpu_info
@@ -98,9 +97,9 @@ def test_destination_qemu_refuses_another_certificate(lab: LabHandle) -> None:
             # a new folder on h2: shared-nothing, so h2 also exports the disk over NBD
             "options": {"storage_path": "az1-authz"}, "transport": "tcp", "streams": 1,
             "postcopy": False, "cpu_vendor": cpu["vendor"], "cpu_flags": cpu["flags"],
-            "dry_run": False, "ticket": _admin_ticket(lab, "az1").model_dump(),
+            "dry_run": False, "ticket": admin_ticket(lab, "az1").model_dump(),
         }  # fmt: skip
-        r = _post_incoming(lab, h1 / "h1.crt", h1 / "h1.key", body)
+        r = post_incoming(lab, h1 / "h1.crt", h1 / "h1.key", body)
         assert r.status_code == 200, r.text
         plan = r.json()
         assert plan["encrypted"] and plan["mirrored"], plan
