@@ -351,6 +351,11 @@ def test_best_node_what_if_uses_the_roomiest_node_and_start_asks_the_cluster(wor
     r = b.post("/move/what-if", data={**MOVE_FORM, "destination": "best"})
     assert "Checked against h2" in r.text
     assert world.h1.calls[-1][1][1]["destination"]["name"] == "h2"
+    # a clustered VM moves through the cluster, files staying on the shared volume: the
+    # what-if checks exactly that, whatever storage the form names
+    b.post("/move/what-if", data={**MOVE_FORM, "destination": "h2", "storage": "per-item",
+                                  "disk_map": "disk0=/s/new.qcow2\n"})  # fmt: skip
+    assert world.h1.calls[-1][1][1]["options"] == {"quick": False, "vm_only": True}
     r = b.post("/move/start", data={**MOVE_FORM, "destination": "best"},
                headers={"HX-Request": "true"})  # fmt: skip
     assert ("cluster_vm_move", ("web1", None, True, False)) in world.h1.calls
