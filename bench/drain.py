@@ -184,14 +184,17 @@ def _set_concurrency(lab: Lab, n: int | None) -> None:
             c.update_settings(cluster={**cur, "drain_concurrency": n})
 
 
-def run_all(lab_dir: Path, runs: int, concurrency: int | None = None) -> list[dict[str, Any]]:
-    """Bring up a 3-host lab, run ``runs`` rounds, tear the lab down."""
+def run_all(
+    lab_dir: Path, runs: int, concurrency: int | None = None, link: str | None = LINK_RATE
+) -> list[dict[str, Any]]:
+    """Bring up a 3-host lab (migration links shaped to ``link``; None: not shaped), run
+    ``runs`` rounds, tear the lab down."""
     global _LAB
     lab = Lab(lab_dir)
     _LAB = lab
     rows = []
     try:
-        lab.up(len(HOSTS), link_rate=LINK_RATE)
+        lab.up(len(HOSTS), link_rate=link)
         _set_concurrency(lab, concurrency)
         names, ips = _setup(lab)
         for i in range(runs):
@@ -211,27 +214,30 @@ def run_all(lab_dir: Path, runs: int, concurrency: int | None = None) -> list[di
     return rows
 
 
-def report(rows: list[dict[str, Any]], command: str) -> dict[str, Any]:
-    """Write bench/results/drain.{md,json}."""
+def report(
+    rows: list[dict[str, Any]], command: str, name: str = "drain", link: str | None = LINK_RATE
+) -> dict[str, Any]:
+    """Write bench/results/<name>.{md,json}."""
     ratios = [r["ratio"] for r in rows]
     git = _git_state()
     doc: dict[str, Any] = {
         "command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "git": git, "vms": VMS, "memory_mib": MEMORY_MIB, "link": LINK_RATE,
+        "git": git, "vms": VMS, "memory_mib": MEMORY_MIB, "link": link or "not shaped",
         "runs": rows, "median_ratio": statistics.median(ratios) if ratios else None,
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "drain.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     lines = [
         "# Drain benchmark", "",
         f"`{command}` — {doc['at']}, {os.cpu_count()} CPUs (TCG), commit "
         f"{git['commit'][:10]}.", "",
-        f"A 3-host lab (migration links {LINK_RATE}), {VMS} clustered {MEMORY_MIB} MiB probe "
-        "guests on h1 (files on the shared volume). Single moves: each VM alone to h2 or h3 "
-        "(`cluster move`), request to new owner in etcd. Drain: `cluster drain h1` with a TCP "
-        "session held to every guest, request to the drain record's end. Target: drain <= "
-        f"{TARGET} x (sum of single moves / drain concurrency).", "",
+        f"A 3-host lab (migration links {link or 'not shaped (veth)'}), {VMS} clustered "
+        f"{MEMORY_MIB} MiB probe guests on h1 (files on the shared volume). Single moves: "
+        "each VM alone to h2 or h3 (`cluster move`), request to new owner in etcd. Drain: "
+        "`cluster drain h1` with a TCP session held to every guest, request to the drain "
+        f"record's end. Target: drain <= {TARGET} x (sum of single moves / drain "
+        "concurrency).", "",
         "| run | sum of singles (s) | concurrency | drain (s) | ratio | target | failback (s) "
         "| sessions kept | drain result |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -254,6 +260,6 @@ def report(rows: list[dict[str, Any]], command: str) -> dict[str, Any]:
         lines += [f"| {t['vm']} | {t['to']} | {t['start_s']} | {t['end_s']} | "
                   + ", ".join(f"{k} {v}" for k, v in t["phases"].items()) + " |"
                   for t in rows[0]["timeline"]]  # fmt: skip
-    (RESULTS / "drain.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'drain'}.md and .json")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / name}.md and .json")
     return doc

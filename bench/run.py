@@ -167,13 +167,22 @@ def run_failover(runs: int, ttls: str | None, command: str) -> None:
     failover.report(rows, command, failover.DEFAULT_VMS)
 
 
-def run_drain(runs: int, concurrency: int | None, command: str) -> None:
-    """Drain of a node running 6 clustered VMs on a 3-host lab (see :mod:`bench.drain`)."""
-    from bench import drain
+def run_drain(runs: int, concurrency: int | None, link: str, command: str) -> None:
+    """Drain of a node running 6 clustered VMs on a 3-host lab (see :mod:`bench.drain`).
 
+    ``link``: the migration links' rate, or ``none`` (not shaped); a report for other settings
+    than the defaults is named after them (``drain_concurrency1``, ``drain_link-none``).
+    """
+    from bench import drain
+    from bench.migrate import LINK_RATE
+
+    rate = None if link == "none" else link
+    name = "drain" + (f"_concurrency{concurrency}" if concurrency else "")
+    name += "" if link == LINK_RATE else f"_link-{link}"
     base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    drain.report(drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency), command)
+    rows = drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency, rate)
+    drain.report(rows, command, name, rate)
 
 
 def run_cluster_scale(command: str) -> None:
@@ -185,7 +194,7 @@ def run_cluster_scale(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run every benchmark (or only one with ``--only``)."""
-    from bench.migrate import BUDGET_S, SCENARIOS
+    from bench.migrate import BUDGET_S, LINK_RATE, SCENARIOS
 
     ap = argparse.ArgumentParser(prog="bench.run")
     ap.add_argument("--only", choices=("boot", "migrate", "storage", "quick", "cluster-place",
@@ -195,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="repeats (default: 5 for boot, 3 for quick, else 1)")  # fmt: skip
     ap.add_argument("--drain-concurrency", type=int,
                     help="drain: cluster.drain_concurrency on every host (default: 2)")  # fmt: skip
+    ap.add_argument("--drain-link", default=LINK_RATE,
+                    help="drain: migration link rate, or none (not shaped)")  # fmt: skip
     ap.add_argument("--lease-ttl", help="failover: comma-separated lease TTLs (s), e.g. 6,4")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="migrate: seconds per move")
     ap.add_argument("--scenarios", help="migrate: comma-separated subset of "
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "failover"):
         run_failover(args.runs or 3, args.lease_ttl, command)
     if args.only in (None, "drain"):
-        run_drain(args.runs or 1, args.drain_concurrency, command)
+        run_drain(args.runs or 1, args.drain_concurrency, args.drain_link, command)
     if args.only in (None, "cluster-scale"):
         run_cluster_scale(command)
 
