@@ -157,6 +157,7 @@ def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
             where = {vm: _owner(store, vm)[0] for vm in names}
             timeline = _timeline(lab, "h1", t_drain)
             back_s, back = _drain_until_done(c, "h1", "failback")
+        away = {vm: node for vm in names if (node := _owner(store, vm)[0]) != "h1"}
         held = {vm: s.stop() for vm, s in sessions.items()}
     finally:
         etcd.close()
@@ -167,7 +168,7 @@ def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
     return {
         "singles": singles, "sum_single_s": round(total_single, 3), "concurrency": concurrency,
         "drain_s": round(drain_s, 3), "drain": drain, "placed": where,
-        "failback_s": round(back_s, 3), "failback": back,
+        "failback_s": round(back_s, 3), "failback": back, "not_home_after_failback": away,
         "ratio": round(drain_s / bound, 3), "target": TARGET,
         "sessions_kept": sum(1 for r in held.values() if r.get("ok") and not r.get("reset")),
         "sessions": len(held), "timeline": timeline,
@@ -200,6 +201,11 @@ def run_all(
         for i in range(runs):
             row = run_once(lab, names, ips)
             rows.append(row)
+            if row["not_home_after_failback"]:  # the next run's single moves need them home
+                print(f"run {i + 1}: not back on h1 after the failback: "
+                      f"{row['not_home_after_failback']}; drain record {row['drain']}; "
+                      f"failback record {row['failback']}", flush=True)  # fmt: skip
+                break
             print(f"run {i + 1}/{runs}: drain {row['drain_s']:.1f} s, sum of singles "
                   f"{row['sum_single_s']:.1f} s / {row['concurrency']} -> ratio {row['ratio']} "
                   f"(target <= {TARGET}); failback {row['failback_s']:.1f} s; sessions kept "
@@ -250,6 +256,14 @@ def report(
             f"{r['sessions_kept']}/{r['sessions']} | {d.get('status')}, "
             f"{len(d.get('moved', {}))} moved |"
         )
+    for i, r in enumerate(rows):
+        if r.get("not_home_after_failback"):
+            fb = r["failback"]
+            lines += ["", f"Run {i + 1}: not back on h1 after the failback: "
+                      f"{r['not_home_after_failback']} (failback {fb.get('status')}, moved "
+                      f"{sorted(fb.get('moved', {}))}, failed {fb.get('failed', {})}; drain moved "
+                      f"{sorted(r['drain'].get('moved', {}))}, failed "
+                      f"{r['drain'].get('failed', {})})."]  # fmt: skip
     if rows:
         lines += ["", "Single moves of the first run:", "",
                   "| VM | to | wall (s) | job total (s) |", "|---|---|---|---|"]  # fmt: skip
