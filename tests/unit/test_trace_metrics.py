@@ -21,7 +21,7 @@ from vmferry.api import create_app
 from vmferry.host import Host
 from vmferry.migration.engine import Moves
 from vmferry.migration.model import Job, JobState, MoveOptions, Phase, PhaseRecord
-from vmferry.migration.trace import TraceData, TraceSample, thin
+from vmferry.migration.trace import TraceData, TraceSample, pass_table, thin
 from vmferry.security.roles import Role, allowed
 
 MiB = 2**20
@@ -103,6 +103,8 @@ def test_trace_records_passes_and_phases(api: TestClient, host: Host) -> None:
     assert rows[2]["bytes"] == 20 * MiB and rows[3]["bytes"] == 6 * MiB
     assert rows[3]["throttle_pct"] == 20 and rows[1]["throttle_pct"] is None
     assert rows[1]["complete"] and not rows[4]["complete"]
+    # (these passes take no time: their throughput is QEMU's own figure)
+    assert rows[1]["duration_s"] < 0.05 and rows[1]["mbps"] == 800.0
     # Bounded: one sample per pass or phase change (+ the end), none of the in-pass repeats.
     assert len(tr["samples"]) <= 15 and tr["dropped_samples"] == 0
     assert 60 * MiB not in [s["ram_transferred"] for s in tr["samples"]]
@@ -113,6 +115,19 @@ def test_trace_records_passes_and_phases(api: TestClient, host: Host) -> None:
     assert set(again.jobs) == set(moves.jobs)  # the trace file is not taken for a job
     assert again.trace.load(job.id).samples == moves.trace.load(job.id).samples
     assert api.get("/v1/migrations/nope/trace").status_code == 404
+
+
+def test_pass_throughput_is_bytes_over_time() -> None:
+    # QEMU's ram.mbps reads 0 through a first pass shorter than its bandwidth period
+    samples = [
+        TraceSample(t=1.0, phase="precopy", pass_no=1, ram_transferred=0),
+        TraceSample(t=1.5, phase="precopy", pass_no=1, ram_transferred=50 * MiB),
+        TraceSample(t=2.0, phase="precopy", pass_no=2, ram_transferred=100 * MiB, mbps=900.0),
+        TraceSample(t=2.01, phase="switchover", pass_no=3, ram_transferred=101 * MiB, mbps=900.0),
+    ]
+    rows = pass_table(samples)
+    assert rows[0]["mbps"] == pytest.approx(100 * MiB * 8 / 1.0 / 1e6, abs=0.1)
+    assert rows[1]["duration_s"] == pytest.approx(0.01) and rows[1]["mbps"] == 900.0
 
 
 def test_thinning_keeps_boundaries_and_ends() -> None:

@@ -26,6 +26,8 @@ log = logging.getLogger("vmferry.migration.trace")
 
 #: Samples a trace keeps at most (thinned beyond that).
 MAX_SAMPLES = 400
+#: A pass shorter than this shows QEMU's throughput figure instead of bytes ÷ time.
+MIN_RATE_S = 0.05
 #: Periodic sampling interval at the start of a move (doubles each time the trace is thinned).
 INTERVAL_S = 1.0
 #: While a move runs, its trace file is rewritten at most this often (and at every phase).
@@ -208,7 +210,11 @@ def pass_table(samples: list[TraceSample]) -> list[dict[str, Any]]:
             "bytes": sent,
             "remaining_bytes": first.ram_remaining,
             "dirty_rate_bps": rate.dirty_rate_bps,
-            "mbps": round(max(s.mbps for s in group), 1),
+            # what the pass achieved (QEMU's own ram.mbps stays 0 until its first bandwidth
+            # sample, so a short first pass would read 0)
+            "mbps": round(sent * 8 / seconds / 1e6, 1)
+            if seconds >= MIN_RATE_S
+            else round(max(s.mbps for s in group), 1),
             "throttle_pct": max(throttles) if throttles else None,
             "complete": nxt is not None,
         })  # fmt: skip
