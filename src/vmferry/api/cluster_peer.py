@@ -10,7 +10,7 @@ import httpx
 from vmferry.api.peer import AgentTLS
 from vmferry.cluster.validate import NodeFacts
 from vmferry.cluster.volumes import VolumeCheck, VolumeCheckResult
-from vmferry.errors import NotFoundError, UnreachableError, check_response
+from vmferry.errors import NotFoundError, UnreachableError, checked_json
 
 
 class HttpClusterPeer:
@@ -31,12 +31,7 @@ class HttpClusterPeer:
                 f"agent at {url} did not answer: {exc.__class__.__name__} {exc}",
                 fix="is ferryd running there and reachable on its management address?",
             ) from exc
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        check_response(r.status_code, data, url)
-        return data
+        return checked_json(r, url)
 
     async def member(self, url: str) -> dict[str, Any]:
         """The other agent's node name, etcd endpoints and lease state."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from vmferry.errors import FerryError, NotFoundError, UnreachableError, check_response
+from vmferry.errors import FerryError, NotFoundError, UnreachableError, checked_json
 from vmferry.migration.model import CheckResult, Destination, IncomingPlan, IncomingRequest
 from vmferry.migration.quick import QuickRequest
 from vmferry.security.pki import verify_crl
@@ -128,12 +128,7 @@ class HttpPeer:
             ) from exc
         if r.status_code == 204:
             return None
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        check_response(r.status_code, data, f"destination {self.dest.name}")
-        return data
+        return checked_json(r, f"destination {self.dest.name}")
 
     async def prepare(self, req: IncomingRequest) -> IncomingPlan:
         """Check (dry run) or build the skeleton VM on the destination."""
