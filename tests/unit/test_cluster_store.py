@@ -48,6 +48,17 @@ class LoopbackEtcd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it; when its ports were taken meanwhile (another test run chose the same free
+        ports), start again on new ones rather than talk to someone else's etcd."""
+        for _ in range(3):
+            if self._start_once():
+                return
+            self.client_port, self.peer_port = _free_port(), _free_port()
+            self.url = f"http://127.0.0.1:{self.client_port}"
+            shutil.rmtree(self.data, ignore_errors=True)  # bootstrapped with the old ports
+        raise RuntimeError("loopback etcd did not start")
+
+    def _start_once(self) -> bool:
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = [
             "etcd", "--name", "t1", "--data-dir", str(self.data),
@@ -60,11 +71,15 @@ class LoopbackEtcd:
         )
         client = Etcd([self.url], timeout=0.5)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if all(h["ok"] and h["leader"] not in ("", "0") for h in client.health()):
-                return
+                time.sleep(0.2)  # a process that could not bind its ports exits at once
+                if self.proc.poll() is None:
+                    return True
+                break
             time.sleep(0.1)
-        raise RuntimeError("loopback etcd did not start")
+        self.stop()
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
