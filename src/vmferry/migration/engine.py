@@ -687,7 +687,18 @@ class Moves:
         last_bytes, last_progress = -1, time.monotonic()
         forced = False
         while True:
-            info = await q.execute("query-migrate")
+            try:
+                info = await q.execute("query-migrate")
+            except QmpError as exc:
+                if job.phase is not Phase.PRECOPY:
+                    raise
+                # QEMU's monitor can stall while its migration stream is blocked on a dead link
+                raise MoveFailed(
+                    f"no progress: the source QEMU stopped answering ({exc}) while it copied "
+                    "memory; the migration link seems down",
+                    "check the migration network between the hosts; the VM keeps running on "
+                    "the source",
+                ) from exc
             status = info.get("status", "none")
             self._record(job, info)
             moved = job.progress.ram_transferred + job.progress.disk_transferred
