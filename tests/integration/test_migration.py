@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -134,10 +135,16 @@ def test_twenty_round_trips_one_session(lab: LabHandle) -> None:
 
 
 def _assert_back_on_source(lab: LabHandle, name: str, ip: str, src_pid: int) -> None:
-    with lab.client("h1") as c:
-        vm = c.vm(name)
-    assert vm["state"] == "running" and vm["pid"] == src_pid
-    assert lab.probe("tcp", ip, count=3)["echoed"] == 3
+    # The same QEMU process runs the VM on the source. After a cut link its monitor may need
+    # a moment to answer again (QEMU's stream was blocked), hence the bounded waits.
+    def running() -> dict[str, Any] | None:
+        with lab.client("h1") as c:
+            vm = c.vm(name)
+        return vm if vm["state"] == "running" else None
+
+    vm = wait_for(running, 30, f"{name} to run on h1 again")
+    assert vm["pid"] == src_pid, "the source VM was restarted, not kept"
+    wait_for(lambda: lab.probe("tcp", ip, count=3)["echoed"] == 3, 30, "the guest to answer")
     # The source asks the destination to drop its skeleton VM; when that first request fails
     # (an agent busy with a dying QEMU), it asks again every 2 s (engine._abort_later).
     wait_for(lambda: name not in vm_names(lab, "h2"), 20, "the destination to drop the VM")
