@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from test_cluster_store import LoopbackEtcd
+
+from vmferry.security import CertificateAuthority
 
 
 @pytest.fixture(scope="module")
@@ -20,3 +23,9 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield srv.url
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    """A fresh CA in the test's temporary directory."""
+    return CertificateAuthority.create(tmp_path / "ca", "test CA")

@@ -34,11 +34,6 @@ from vmferry.security.tickets import (
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.create(tmp_path / "ca", "test CA")
-
-
-@pytest.fixture
 def alice(ca: CertificateAuthority, tmp_path: Path) -> CertPaths:
     return ca.issue(tmp_path / "users", "alice", role=Role.operator)
 

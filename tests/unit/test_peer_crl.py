@@ -49,11 +49,6 @@ class _Member(BaseHTTPRequestHandler):
 Serve = Callable[[CertPaths], str]
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.create(tmp_path / "ca", "test CA")
-
-
 def _host(ca: CertificateAuthority, tmp_path: Path, name: str) -> CertPaths:
     return ca.issue(tmp_path / name, name, role=Role.host, server_names=["127.0.0.1"])
 

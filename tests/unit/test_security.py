@@ -39,11 +39,6 @@ from vmferry.security.throttle import FailureThrottle
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.create(tmp_path / "ca", "test CA")
-
-
-@pytest.fixture
 def host(tmp_path: Path) -> Host:
     root = tmp_path / "storage"
     root.mkdir()
