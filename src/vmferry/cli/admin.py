@@ -84,7 +84,6 @@ def serve(
         server = make_server(app, listen, ServerTLS(tls_cert, tls_key, ca), log_level)
     except FerryError as exc:
         _fail(exc)
-        return
     err.print(f"Admin Center on https://{listen} for {', '.join(agents.names)}; "
               f"audit log in {state / 'audit'}")  # fmt: skip
     try:
@@ -111,7 +110,6 @@ def token(
         result = request_token(url, host, cert, key, ca)
     except FerryError as exc:
         _fail(exc)
-        return
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
         return

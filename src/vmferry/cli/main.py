@@ -454,7 +454,6 @@ def _find_vm(name: str) -> str:
             continue
     _fail(FerryError(f"no configured host has a VM named {name!r}", field="vm",
                      fix="pass --host SOURCE"))  # fmt: skip
-    raise AssertionError
 
 
 @app.command("move")
@@ -957,7 +956,6 @@ def _node_url(node: str) -> str:
     if ep is None:
         _fail(FerryError(f"unknown host {node!r} in the client config", field="nodes",
                          fix="known: " + ", ".join(sorted(load_config().hosts))))  # fmt: skip
-        raise AssertionError
     return ep.url
 
 
@@ -1275,7 +1273,6 @@ def _events_of(hosts: list[str], **filters: Any) -> list[dict[str, Any]]:
         if ep is None:
             _fail(FerryError(f"unknown host {name!r}", field="--host",
                              fix="known: " + ", ".join(sorted(cfg.hosts))))  # fmt: skip
-            raise AssertionError
         try:
             with FerryClient(ep, timeout=10) as c:
                 rows += c.events(**filters)
