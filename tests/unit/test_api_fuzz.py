@@ -283,3 +283,11 @@ def test_fuzz_api_long(fuzz_env: FuzzEnv) -> None:
     """A longer run over every operation (``make test-all``); new random cases each run."""
     _fuzz(fuzz_env, examples=100, budget_s=600, derandomize=False)
     print(f"fuzz: {fuzz_env.calls} calls, statuses {sorted(fuzz_env.statuses.items())}")
+
+
+def test_events_cursor_beyond_sqlite_is_refused(fuzz_env: FuzzEnv) -> None:
+    """Found by the long run: an ``after`` past SQLite's 64-bit INTEGER crashed the query."""
+    resp = fuzz_env.client.get("/v1/events", params={"after": str(2**70)})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["field"] == "query.after"
+    assert fuzz_env.client.get("/v1/events", params={"after": str(2**63 - 1)}).json() == []

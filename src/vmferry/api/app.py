@@ -152,7 +152,7 @@ def create_app(
         level: Level | None = None,
         kind: str | None = Query(default=None, max_length=64),
         since: float | None = None,
-        after: int | None = Query(default=None, ge=0),
+        after: int | None = Query(default=None, ge=0, le=2**63 - 1),  # an SQLite INTEGER
         limit: int = Query(default=100, ge=1, le=10_000),
     ) -> list[Event]:
         return await asyncio.to_thread(
