@@ -180,7 +180,8 @@ def cleanup_vms(lab: LabHandle, *names: str) -> None:
 
 def start_stuck_move(lab: LabHandle, vm: str, **options: Any) -> tuple[int, dict[str, Any]]:
     """Start moving ``vm`` from h1 to h2 in a way that cannot converge (pre-copy only at
-    40 Mbit/s, for a VM that dirties memory) and wait until it copies memory.
+    40 Mbit/s, for a VM that rewrites whole pages: ``dirty=SIZE@0:full``, which XBZRLE cannot
+    shrink) and wait until it copies memory.
 
     Returns the source QEMU's pid and the job.
     """

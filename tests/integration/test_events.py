@@ -35,7 +35,7 @@ def test_events_for_success_refusal_cancel_and_failure(lab: LabHandle) -> None:
     with lab.client("h1") as c:
         c.create_vm({"name": "ev2", "memory_mib": 256, "nics": [{"switch": "external"}],
                      "probe": {"ip": f"{ip2}/24", "roles": ["heartbeat", "udpecho", "dirty"],
-                               "dirty": "64M@0"}})  # fmt: skip
+                               "dirty": "64M@0:full"}})  # fmt: skip
         c.action("ev2", "start")
     lab.wait_guest(ip2)
     try:

@@ -153,7 +153,7 @@ def _assert_back_on_source(lab: LabHandle, name: str, ip: str, src_pid: int) -> 
 
 
 def test_cancel_during_precopy(lab: LabHandle) -> None:
-    ip = _make(lab, "h1", "cancel1", dirty="64M@0")
+    ip = _make(lab, "h1", "cancel1", dirty="64M@0:full")
     try:
         pid, job = start_stuck_move(lab, "cancel1")
         with lab.client("h1") as c:
@@ -199,7 +199,7 @@ def test_cancel_during_mirror(lab: LabHandle) -> None:
 
 
 def test_destination_qemu_killed(lab: LabHandle) -> None:
-    ip = _make(lab, "h1", "victim", dirty="64M@0")
+    ip = _make(lab, "h1", "victim", dirty="64M@0:full")
     try:
         pid, job = start_stuck_move(lab, "victim")
         with lab.client("h2") as c:
@@ -214,7 +214,7 @@ def test_destination_qemu_killed(lab: LabHandle) -> None:
 
 
 def test_migration_link_cut(lab: LabHandle) -> None:
-    ip = _make(lab, "h1", "cut1", dirty="64M@0")
+    ip = _make(lab, "h1", "cut1", dirty="64M@0:full")
     h2 = lab.topo.host("h2")
     try:
         pid, job = start_stuck_move(lab, "cut1", stall_timeout_s=5)

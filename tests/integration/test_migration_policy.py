@@ -184,20 +184,46 @@ def test_transports(lab: LabHandle, transport: str) -> None:
 
 
 def test_auto_policy_escalates_to_postcopy(lab: LabHandle) -> None:
-    ip = _make(lab, "h1", "busy1", dirty="128M@0", memory=512)
+    ip = _make(lab, "h1", "busy1", dirty="128M@0:full", memory=512)
     try:
         session = start_probe(lab.lab, "session", ip, duration=120)
         job = move(lab, "h1", "busy1", "h2", bandwidth_mbps=300)
         assert job["state"] == "completed", job["error"]
+        # whole pages of new data: the delta encoding was tried and judged useless
         assert job["postcopy_used"], job["escalations"]
+        assert any("XBZRLE does not pay" in e for e in job["escalations"]), job["escalations"]
         assert session.stop()["ok"]
         lab.stat(ip)
     finally:
         cleanup_vms(lab, "busy1")
 
 
+def test_auto_policy_xbzrle_where_it_pays(lab: LabHandle) -> None:
+    """One byte per page changes: pre-copy finishes with deltas, no post-copy needed.
+
+    At 100 Mbit/s the 16 MB working set, which the guest rewrites within every pass, could
+    never leave within a 300 ms downtime (3.75 MB could); as deltas it can."""
+    ip = _make(lab, "h1", "deltas1", dirty="16M@0")
+    try:
+        before = lab.stat(ip)
+        session = start_probe(lab.lab, "session", ip, duration=120)
+        job = move(lab, "h1", "deltas1", "h2", bandwidth_mbps=100, downtime_target_ms=300)
+        assert job["state"] == "completed", job["error"]
+        assert not job["postcopy_used"], job["escalations"]
+        assert any("XBZRLE pays" in e for e in job["escalations"]), job["escalations"]
+        xb = job["qemu_stats"]["xbzrle-cache"]
+        assert xb["pages"] > 4096 and xb["bytes"] < xb["pages"] * 64, xb  # small deltas
+        assert session.stop()["ok"]
+        after = lab.stat(ip)  # the guest runs on h2, its dirtier still going
+        assert after["dirty_rounds"] > before["dirty_rounds"]
+        assert after["uptime_ms"] > before["uptime_ms"]
+        assert "deltas1" in vm_names(lab, "h2") and "deltas1" not in vm_names(lab, "h1")
+    finally:
+        cleanup_vms(lab, "deltas1")
+
+
 def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
-    _make(lab, "h1", "nopc", dirty="128M@0", memory=512, postcopy=False)
+    _make(lab, "h1", "nopc", dirty="128M@0:full", memory=512, postcopy=False)
     try:
         job = move(lab, "h1", "nopc", "h2", bandwidth_mbps=300, timeout_s=15)
         assert not job["postcopy_used"]
@@ -210,7 +236,7 @@ def test_postcopy_forbidden_per_vm(lab: LabHandle) -> None:
 
 
 def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
-    ip = _make(lab, "h1", "restart1", dirty="64M@0")
+    ip = _make(lab, "h1", "restart1", dirty="64M@0:full")
     try:
         pid, job = start_stuck_move(lab, "restart1")
         lab.lab.kill_agent("h1")
@@ -264,7 +290,7 @@ def test_postcopy_recovers_after_the_link_breaks(lab: LabHandle) -> None:
 def test_destination_agent_restart_mid_move(lab: LabHandle) -> None:
     """The destination agent restarts while memory is copied: it takes the move back from its
     record, so a cancel still removes the skeleton VM there."""
-    ip = _make(lab, "h1", "drestart", dirty="64M@0")
+    ip = _make(lab, "h1", "drestart", dirty="64M@0:full")
     try:
         pid, job = start_stuck_move(lab, "drestart")
         lab.lab.kill_agent("h2")
@@ -290,7 +316,7 @@ def test_destination_agent_restart_mid_move(lab: LabHandle) -> None:
 def test_destination_agent_gone_fails_the_move(lab: LabHandle) -> None:
     """A destination agent that stays silent fails the move before switchover: the VM keeps
     running on the source, and the skeleton VM goes once that agent is back."""
-    ip = _make(lab, "h1", "dgone", dirty="64M@0")
+    ip = _make(lab, "h1", "dgone", dirty="64M@0:full")
     try:
         pid, job = start_stuck_move(lab, "dgone")
         lab.lab.kill_agent("h2")

@@ -200,6 +200,20 @@ def test_dirty_rate_limited(probe: Path, running: list[Probe]) -> None:
     assert 1 <= rounds <= 8  # ~4 rounds/s; loose bounds for slow CI
 
 
+def test_dirty_full_pages(probe: Path, running: list[Probe]) -> None:
+    port = free_port()
+    p = Probe(probe, "--bind", "127.0.0.1", "--port", str(port), "udpecho", "dirty=4M@0:full")
+    running.append(p)
+    p.wait_line("FERRY-DIRTY size=4194304 rate=0")
+    time.sleep(0.5)
+    assert stat(port)["dirty_rounds"] > 0
+
+
+def test_bad_dirty_mode_rejected(probe: Path) -> None:
+    r = subprocess.run([str(probe), "dirty=4M@0:half"], capture_output=True, timeout=10)
+    assert r.returncode == 2 and b"4M@0:half" in r.stderr
+
+
 def test_bad_role_rejected(probe: Path) -> None:
     r = subprocess.run([str(probe), "heartbeat,bogus"], capture_output=True, timeout=10)
     assert r.returncode == 2 and b"bogus" in r.stderr

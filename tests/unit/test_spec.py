@@ -32,3 +32,6 @@ def test_probe_roles_and_ip() -> None:
     with pytest.raises(ValidationError, match="prefix"):
         ProbeSpec(ip="198.18.2.11")
     assert ProbeSpec(ip="198.18.2.11/24", dirty="128M@0").dirty == "128M@0"
+    assert ProbeSpec(dirty="128M@0:full").dirty == "128M@0:full"
+    with pytest.raises(ValidationError, match="SIZE@RATE"):
+        ProbeSpec(dirty="128M@0:half")

@@ -146,7 +146,7 @@ def vm_create(
         str | None, typer.Option("--roles", help="probe roles, comma separated")
     ] = None,
     dirty: Annotated[
-        str | None, typer.Option("--dirty", help="SIZE@RATE for the dirty role")
+        str | None, typer.Option("--dirty", help="SIZE@RATE[:full] for the dirty role")
     ] = None,
     boot: Annotated[str, typer.Option("--boot", help="probe | kernel | disk")] = "probe",
     kernel: Annotated[str | None, typer.Option("--kernel")] = None,

@@ -49,7 +49,7 @@ GUEST_MODULES = (
 KERNEL_CMDLINE_BASE = ("console=ttyS0", "quiet", "panic=-1")
 
 _KERNEL_STAMP = ".vmferry-complete"
-_DIRTY_RE = re.compile(r"^[0-9]+[KMGkmg]?@[0-9]+[KMGkmg]?$")
+_DIRTY_RE = re.compile(r"^[0-9]+[KMGkmg]?@[0-9]+[KMGkmg]?(:full)?$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APT_LISTS = Path("/var/lib/apt/lists")
 _resolved: dict[int, KernelPackage] = {}  # apt lists mtime -> package
@@ -525,7 +525,7 @@ def guest_cmdline(
         parts.append("ferry.roles=" + ",".join(valid))
     if dirty is not None:
         if not _DIRTY_RE.match(dirty):
-            raise ValueError(f"invalid dirty spec {dirty!r} (want SIZE@RATE, e.g. 128M@0)")
+            raise ValueError(f"invalid dirty spec {dirty!r} (want SIZE@RATE[:full], e.g. 128M@0)")
         parts.append(f"ferry.dirty={dirty}")
     if disk is not None:
         if not _DISK_RE.match(disk):

@@ -1,7 +1,7 @@
 #!/bin/sh
 # vmferry guest /init (busybox sh, PID 1 of the initramfs).
 # Kernel parameters: ferry.ip=A.B.C.D/NN ferry.gw=A.B.C.D ferry.hostname=NAME
-#   ferry.roles=heartbeat,udpecho,... ferry.dirty=SIZE@RATE ferry.disk=/dev/vda
+#   ferry.roles=heartbeat,udpecho,... ferry.dirty=SIZE@RATE[:full] ferry.disk=/dev/vda
 export PATH=/bin
 umask 022
 

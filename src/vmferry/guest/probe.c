@@ -9,7 +9,9 @@
  *   --bind ADDR       IPv4 address to bind the echo sockets to (default 0.0.0.0)
  *   --disk PATH       block device for the disk role (default /dev/vda)
  *   --disk-file PATH  regular file for the disk role (size taken from fstat)
- *   --dirty SPEC      dirtier working set and rate, e.g. 128M@0 or 32M@50M
+ *   --dirty SPEC      dirtier working set and rate, e.g. 128M@0 or 32M@50M; one
+ *                     byte per page changes each round, or with ":full" appended
+ *                     (128M@0:full) every byte of every page gets fresh data
  *   --hb-ms N         heartbeat period in ms (default 500)
  *   --ack-ms N        minimum ms between FERRY-DISK-ACK lines (default 250)
  *   --disk-pace-us N  pause between disk blocks in us (default 2000)
@@ -486,12 +488,20 @@ static int role_tcpecho(const struct opts *o)
 
 /* ---------- memory dirtier ---------- */
 
-static int parse_dirty(const char *spec, uint64_t *size, uint64_t *rate)
+static int parse_dirty(const char *spec, uint64_t *size, uint64_t *rate, int *full)
 {
 	char tmp[64];
 	if (strlen(spec) >= sizeof tmp)
 		return -1;
 	strcpy(tmp, spec);
+	char *colon = strchr(tmp, ':');
+	*full = 0;
+	if (colon) {
+		if (strcmp(colon + 1, "full"))
+			return -1;
+		*full = 1;
+		*colon = '\0';
+	}
 	char *at = strchr(tmp, '@');
 	*rate = 0;
 	if (at) {
@@ -507,7 +517,8 @@ static int parse_dirty(const char *spec, uint64_t *size, uint64_t *rate)
 static int role_dirty(const struct opts *o)
 {
 	uint64_t size, rate;
-	if (parse_dirty(o->dirty, &size, &rate) < 0) {
+	int full;
+	if (parse_dirty(o->dirty, &size, &rate, &full) < 0) {
 		warnx("probe: bad dirty spec '%s' (want SIZE@RATE, e.g. 128M@0)\n", o->dirty);
 		return 2;
 	}
@@ -529,8 +540,22 @@ static int role_dirty(const struct opts *o)
 		uint8_t val = (uint8_t)(round + 2);
 		for (size_t i = 0; i < pages; i += chunk) {
 			size_t end = i + chunk < pages ? i + chunk : pages;
-			for (size_t j = i; j < end; j++)
-				mem[j * page] = val;
+			if (full) {
+				/* every word new each round: no delta encoding or compression helps */
+				for (size_t j = i; j < end; j++) {
+					volatile uint64_t *w = (volatile uint64_t *)(mem + j * page);
+					uint64_t x = (round + 1) * 0x9E3779B97F4A7C15ull ^ (uint64_t)j;
+					for (size_t k = 0; k < page / 8; k++) {
+						x ^= x << 13;
+						x ^= x >> 7;
+						x ^= x << 17;
+						w[k] = x;
+					}
+				}
+			} else {
+				for (size_t j = i; j < end; j++)
+					mem[j * page] = val;
+			}
 			if (!rate)
 				continue;
 			done += (uint64_t)(end - i) * page;
@@ -969,7 +994,8 @@ int main(int argc, char **argv)
 	}
 	for (int i = 0; i < nroles; i++) {
 		uint64_t sz, rate;
-		if (roles[i] == R_DIRTY && parse_dirty(o.dirty, &sz, &rate) < 0) {
+		int full;
+		if (roles[i] == R_DIRTY && parse_dirty(o.dirty, &sz, &rate, &full) < 0) {
 			warnx("probe: bad dirty spec '%s'\n", o.dirty);
 			return 2;
 		}

@@ -129,8 +129,11 @@ class ProbeSpec(BaseModel):
     @field_validator("dirty")
     @classmethod
     def _dirty(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^\d+[KMG]?@\d+[KMG]?$", v):
-            raise ValueError("dirty must be SIZE@RATE, e.g. 128M@0 (0 = as fast as possible)")
+        if v is not None and not re.match(r"^\d+[KMG]?@\d+[KMG]?(:full)?$", v):
+            raise ValueError(
+                "dirty must be SIZE@RATE[:full], e.g. 128M@0 (0 = as fast as possible; :full "
+                "rewrites whole pages with new data instead of one byte per page)"
+            )
         return v
 
 

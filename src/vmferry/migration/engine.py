@@ -27,6 +27,7 @@ from vmferry.host.host import cpu_info
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import VMSpec
 from vmferry.host.vms import VMManager, VMState
+from vmferry.migration.converge import Counters, PassWatch, xbzrle_cache_bytes
 from vmferry.migration.model import (
     CheckResult,
     Destination,
@@ -84,6 +85,8 @@ JobListener = Callable[[str, Job], None]
 
 #: Pre-copy passes the auto policy accepts before it prefers post-copy.
 MAX_PRECOPY_PASSES = 4
+#: Once XBZRLE pays, pre-copy has this long to finish before post-copy takes over.
+XBZRLE_GRACE_S = 2.0
 
 
 def predict_passes(remaining: int, dirty_bps: float, link_bps: float, target_ms: int) -> float:
@@ -142,8 +145,8 @@ class Moves:
         self.jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: set[str] = set()
-        self._pass_seen: dict[str, int] = {}
-        self._pass_remaining: dict[str, int] = {}
+        #: The auto policy's view of each running pre-copy (migration/converge.py).
+        self._watch: dict[str, PassWatch] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._last_save = 0.0
         #: Samples of every job's figures (``<id>.trace.json``, migration/trace.py).
@@ -469,8 +472,7 @@ class Moves:
         finally:
             self.slots.release(job.id)
             self._cancel.discard(job.id)
-            self._pass_seen.pop(job.id, None)
-            self._pass_remaining.pop(job.id, None)
+            self._watch.pop(job.id, None)
             with contextlib.suppress(FerryError):
                 self.vms.set_busy(name, VMState.HANDOVER if job.handover_pending else None)
             now = time.time()  # before any await: readers see a finished job complete
@@ -662,12 +664,17 @@ class Moves:
     ) -> None:
         s = self._settings().migration
         opts = job.options
-        req = self._incoming_request(job, self.vms.spec(job.vm), True)
+        spec = self.vms.spec(job.vm)
+        req = self._incoming_request(job, spec, True)
+        # Pre-copy uses XBZRLE where it pays (migration/converge.py); post-copy never needs it.
+        xbzrle = not opts.qemu_defaults and opts.policy != "postcopy" and req.transport == "tcp"
         await set_capabilities(
             q, req.transport, req.streams, req.postcopy, incoming=False,
             pause_before_switchover=bool(plan.mirrored),
             auto_converge=not opts.qemu_defaults and (opts.policy == "precopy" or not req.postcopy),
+            xbzrle_cache=xbzrle_cache_bytes(spec.memory_mib << 20) if xbzrle else None,
         )  # fmt: skip
+        self._watch[job.id] = PassWatch(xbzrle=xbzrle)
         if not opts.qemu_defaults:
             await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps,
                                     opts.downtime_target_ms)  # fmt: skip
@@ -750,8 +757,8 @@ class Moves:
                         )
                     forced = True
                     await self._force(job, q, req.postcopy)
-                elif await self._converge(job, q, req.postcopy, opts.policy):
-                    pass
+                else:
+                    await self._converge(job, q, info, req.postcopy, opts.policy)
             await asyncio.sleep(POLL_S)
 
     def _record(self, job: Job, info: dict[str, Any]) -> None:
@@ -771,25 +778,43 @@ class Moves:
         p.eta_s = round(p.ram_remaining / rate, 1) if rate > 0 else None
         self._save(job, force=False)
 
-    async def _converge(self, job: Job, q: QmpSession, postcopy: bool, policy: str) -> bool:
-        """Escalate to post-copy when pre-copy is predicted not to reach the downtime target."""
-        if not postcopy or job.postcopy_used:
-            return False
+    async def _converge(
+        self, job: Job, q: QmpSession, info: dict[str, Any], postcopy: bool, policy: str
+    ) -> None:
+        """Follow the passes; tell QEMU what XBZRLE achieves; escalate to post-copy when
+        pre-copy is predicted not to reach the downtime target."""
+        watch = self._watch.get(job.id)
+        if watch is None:
+            return
         p = job.progress
-        if p.passes != self._pass_seen.get(job.id):
-            # A new pass began: what it must send is what the guest dirtied during the last one.
-            self._pass_seen[job.id] = p.passes
-            self._pass_remaining[job.id] = p.ram_remaining
+        page = int(info.get("ram", {}).get("page-size", 4096))
+        now = time.monotonic()
+        judged = watch.verdict is not None
+        if watch.observe(p.passes, p.ram_remaining, Counters.of(info), now, page):
+            if not judged:
+                job.escalations.append(watch.notes[-1])
+            bps = watch.switchover_bps()
+            if bps is not None:
+                # QEMU plans the switchover from the bytes it put on the wire, which deltas
+                # make look tiny: without this it would never switch over.
+                await q.execute("migrate-set-parameters", {"avail-switchover-bandwidth": bps})
+                log.info("move %s: pass %d, switchover bandwidth %d B/s", job.id, p.passes, bps)
+        if not postcopy or job.postcopy_used:
+            return
         if policy == "postcopy":
             due = p.passes >= 2
         else:
             needed = predict_passes(
-                self._pass_remaining.get(job.id, p.ram_remaining),
+                watch.pass_remaining or p.ram_remaining,
                 p.dirty_rate_bps,
-                p.mbps * 1e6 / 8,
+                watch.rate_for(p.mbps * 1e6 / 8),
                 job.options.downtime_target_ms,
             )
-            due = p.passes >= 2 and p.mbps > 0 and needed > MAX_PRECOPY_PASSES
+            stuck = watch.verdict is True and now - watch.judged_at > XBZRLE_GRACE_S
+            due = (
+                p.passes >= 2 and p.mbps > 0 and not watch.undecided()
+                and (needed > MAX_PRECOPY_PASSES or stuck)
+            )  # fmt: skip
         if due:
             await q.execute("migrate-start-postcopy")
             job.postcopy_used = True
@@ -797,8 +822,6 @@ class Moves:
                 f"post-copy after pass {p.passes} (dirty {p.dirty_rate_bps / 1e6:.0f} MB/s, "
                 f"link {p.mbps:.0f} Mbit/s)"
             )
-            return True
-        return False
 
     async def _force(self, job: Job, q: QmpSession, postcopy: bool) -> None:
         if postcopy and not job.postcopy_used:
@@ -851,6 +874,8 @@ class Moves:
         await _drop_mirrors(q)
         with contextlib.suppress(QmpError):
             await disable_tls(q)  # a later save (migrate fd:) must not expect TLS
+        with contextlib.suppress(QmpError):  # nor post-copy, XBZRLE or multifd
+            await set_capabilities(q, "tcp", 1, False, incoming=False)
         with contextlib.suppress(QmpError):
             st = await q.status()
             # Never resume the source once post-copy started: the guest already ran on the

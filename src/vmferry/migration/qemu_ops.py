@@ -24,8 +24,12 @@ async def set_capabilities(
     incoming: bool,
     pause_before_switchover: bool = False,
     auto_converge: bool = False,
+    xbzrle_cache: int | None = None,
 ) -> None:
-    """Set the migration capabilities and stream parameters; both ends must agree."""
+    """Set the migration capabilities and stream parameters; both ends must agree.
+
+    ``xbzrle_cache`` (source only): delta-encode re-sent pages against a cache of this many
+    bytes (the destination decodes them without being told)."""
     multifd = transport in ("compression", "multichannel")
     caps: dict[str, bool] = {
         "events": True,
@@ -39,10 +43,13 @@ async def set_capabilities(
     if not incoming:
         caps["pause-before-switchover"] = pause_before_switchover
         caps["auto-converge"] = auto_converge
+        caps["xbzrle"] = xbzrle_cache is not None and not multifd
     await q.execute(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
     )
+    if caps.get("xbzrle"):
+        await q.execute("migrate-set-parameters", {"xbzrle-cache-size": xbzrle_cache})
     if multifd:
         params: dict[str, Any] = {
             "multifd-channels": streams if transport == "multichannel" else max(2, streams),
@@ -58,7 +65,14 @@ async def set_stream_limits(q: QmpSession, bandwidth_mbps: int | None, downtime_
     bps = UNLIMITED_BPS if bandwidth_mbps is None else bandwidth_mbps * 1_000_000 // 8
     await q.execute(
         "migrate-set-parameters",
-        {"max-bandwidth": bps, "downtime-limit": downtime_ms, "announce-initial": 20},
+        {
+            "max-bandwidth": bps,
+            "downtime-limit": downtime_ms,
+            "announce-initial": 20,
+            # QEMU's own estimate (from the bytes on the wire) until the engine knows better
+            # (migration/converge.py: XBZRLE).
+            "avail-switchover-bandwidth": 0,
+        },
     )
 
 

@@ -1,0 +1,179 @@
+"""What the auto convergence policy knows about a pre-copy, pass by pass.
+
+The policy's escalation: line rate → XBZRLE where it pays → CPU throttling or post-copy.
+
+XBZRLE (QEMU's delta encoding of re-sent pages against a cache of what was sent before) starts
+on its own once QEMU's first full pass is done: the second pass fills the cache, the third is
+the first whose pages can go as deltas. Whether it pays depends on how the guest writes: a
+guest that changes a few bytes per page sends a few bytes per page; a guest that rewrites
+whole pages with new data gains nothing. :class:`PassWatch` judges it from QEMU's own counters
+once enough pages of the third pass went through, and measures how fast the source then gets
+through dirty memory (pages handled per second, whatever their encoding). QEMU only knows the
+bytes it put on the wire, so with deltas it believes the link is slow and never switches over;
+the engine hands it the measured rate as ``avail-switchover-bandwidth``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Pages of an XBZRLE pass to see before judging it (or the pass ends first).
+JUDGE_PAGES = 2000
+#: XBZRLE pays when most pages go as deltas ...
+MIN_ENCODED_SHARE = 0.5
+#: ... and a delta costs at most this share of a page on the wire.
+MAX_WIRE_SHARE = 0.25
+#: The share of the measured rate QEMU plans its switchover with, and the policy predicts
+#: with (a rate guessed too high lengthens the downtime; too low keeps pre-copy going while
+#: the guest re-dirties its working set, as a guest under TCG does within one pass).
+SWITCHOVER_SAFETY = 0.8
+#: Once XBZRLE pays, the flush rate is measured again this often (over the whole XBZRLE
+#: period) and handed to QEMU again when it moved by this share.
+REMEASURE_S = 0.1
+REMEASURE_CHANGE = 0.2
+#: The XBZRLE cache: a quarter of the guest's memory, within these bounds.
+CACHE_MIN = 64 << 20
+CACHE_MAX = 1 << 30
+
+
+def xbzrle_cache_bytes(memory_bytes: int) -> int:
+    """The cache size for a guest of ``memory_bytes`` (a power of two, as QEMU uses)."""
+    want = max(CACHE_MIN, min(CACHE_MAX, memory_bytes // 4))
+    return 1 << (want.bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """QEMU's running page counters (``query-migrate``), from the start of the move."""
+
+    handled: int = 0  # pages dealt with: sent whole, found zero, or sent as a delta
+    encoded: int = 0  # XBZRLE deltas sent
+    overflow: int = 0  # deltas larger than the page (sent whole instead)
+    miss: int = 0  # pages not in the cache (sent whole, cached)
+    wire: int = 0  # bytes of deltas on the wire
+
+    @classmethod
+    def of(cls, info: dict[str, Any]) -> Counters:
+        """Read them from a ``query-migrate`` answer."""
+        ram = info.get("ram", {})
+        xb = info.get("xbzrle-cache", {})
+        encoded = int(xb.get("pages", 0))
+        return cls(
+            handled=int(ram.get("normal", 0)) + int(ram.get("duplicate", 0)) + encoded,
+            encoded=encoded,
+            overflow=int(xb.get("overflow", 0)),
+            miss=int(xb.get("cache-miss", 0)),
+            wire=int(xb.get("bytes", 0)),
+        )
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.handled - other.handled,
+            self.encoded - other.encoded,
+            self.overflow - other.overflow,
+            self.miss - other.miss,
+            self.wire - other.wire,
+        )
+
+
+def xbzrle_pays(delta: Counters, page_size: int, *, final: bool) -> bool | None:
+    """Whether XBZRLE paid over ``delta`` (None: too few pages seen yet, unless ``final``)."""
+    tried = delta.encoded + delta.overflow + delta.miss
+    if tried == 0:
+        return False if final else None
+    if tried < JUDGE_PAGES and not final:
+        return None
+    if delta.encoded < MIN_ENCODED_SHARE * tried:
+        return False
+    return delta.wire <= MAX_WIRE_SHARE * delta.encoded * page_size
+
+
+@dataclass
+class PassWatch:
+    """One move's pre-copy as the auto policy follows it (see the module's docstring)."""
+
+    xbzrle: bool
+    pass_no: int = 0
+    pass_started: float = 0.0
+    #: What the current pass must send: what the guest dirtied during the last one.
+    pass_remaining: int = 0
+    #: Counters at the start of the first XBZRLE pass (the third).
+    xbzrle_start: Counters | None = None
+    xbzrle_started_at: float = 0.0
+    #: XBZRLE pays (True), does not (False), not judged yet (None).
+    verdict: bool | None = None
+    judged_at: float = 0.0
+    measured_at: float = 0.0
+    #: Raw bytes of dirty memory per second the source gets through with XBZRLE.
+    flush_bps: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def observe(
+        self, passes: int, remaining: int, counters: Counters, now: float, page_size: int = 4096
+    ) -> bool:
+        """Take one ``query-migrate`` sample; True when the XBZRLE verdict was just reached."""
+        new_pass = passes != self.pass_no
+        if new_pass:
+            self.pass_no = passes
+            self.pass_started = now
+            self.pass_remaining = remaining
+        if self.verdict:
+            return self._remeasure(counters, now, page_size)
+        if not self.xbzrle or self.verdict is not None or passes < 3:
+            return False
+        if self.xbzrle_start is None:
+            self.xbzrle_start = counters
+            self.xbzrle_started_at = now
+            return False
+        delta = counters - self.xbzrle_start
+        # Pass numbers are QEMU's bitmap syncs, which need not match its scans of memory:
+        # judge a small working set after two more of them.
+        verdict = xbzrle_pays(delta, page_size, final=passes >= 5)
+        if verdict is None:
+            return False
+        self.verdict = verdict
+        self.judged_at = self.measured_at = now
+        seconds = now - self.xbzrle_started_at
+        if verdict and seconds > 0:
+            self.flush_bps = delta.handled * page_size / seconds
+        tried = max(1, delta.encoded + delta.overflow + delta.miss)
+        per_page = delta.wire / delta.encoded if delta.encoded else 0.0
+        self.notes.append(
+            f"XBZRLE {'pays' if verdict else 'does not pay'} in pass 3: "
+            f"{100 * delta.encoded / tried:.0f} % of pages as deltas of {per_page:.0f} B"
+            + (f", dirty memory flushed at {self.flush_bps / 1e6:.0f} MB/s"
+               if self.flush_bps else "")
+        )  # fmt: skip
+        return True
+
+    def _remeasure(self, counters: Counters, now: float, page_size: int) -> bool:
+        """Refine the flush rate over the whole XBZRLE period; True when it changed much."""
+        if self.xbzrle_start is None or now - self.measured_at < REMEASURE_S:
+            return False
+        self.measured_at = now
+        seconds = now - self.xbzrle_started_at
+        if seconds <= 0:
+            return False
+        rate = (counters - self.xbzrle_start).handled * page_size / seconds
+        old = self.flush_bps or 0.0
+        if old and abs(rate - old) < REMEASURE_CHANGE * old:
+            return False
+        self.flush_bps = rate
+        return True
+
+    def rate_for(self, link_bps: float) -> float:
+        """The rate at which dirty memory leaves the source: the link's, or XBZRLE's."""
+        bps = self.switchover_bps()
+        return link_bps if bps is None else max(link_bps, bps)
+
+    def switchover_bps(self) -> int | None:
+        """What to tell QEMU as ``avail-switchover-bandwidth`` (None: leave QEMU's estimate)."""
+        if not (self.verdict and self.flush_bps):
+            return None
+        return math.floor(self.flush_bps * SWITCHOVER_SAFETY)
+
+    def undecided(self) -> bool:
+        """XBZRLE may still pay: hold post-copy back until the third pass shows it."""
+        return self.xbzrle and self.verdict is None
