@@ -63,35 +63,58 @@ def test_cache_is_a_quarter_of_memory_within_bounds() -> None:
 
 def test_small_deltas_pay_and_give_a_flush_rate() -> None:
     w = PassWatch(xbzrle=True)
-    miss = _xb(0, 0, miss=33000)
-    assert not w.observe(1, 1 << 30, Counters.of(_info(56000, 200000, miss)), 0.0)
-    assert not w.observe(2, 130 << 20, Counters.of(_info(89000, 200000, miss)), 2.0)
-    assert w.undecided()  # post-copy waits for the first delta pass
-    start = Counters.of(_info(89000, 200000, _xb(0, 0)))
-    assert not w.observe(3, 120 << 20, start, 3.0)
-    # 32,000 pages as 6-byte deltas in 50 ms
-    assert w.observe(3, 10 << 20, Counters.of(_info(89000, 200000, _xb(32000, 192000))), 3.05)
+    assert not w.observe(1, 1 << 30, Counters.of(_info(20000, 100000)), 0.0)  # first scan
+    assert not w.observe(2, 130 << 20, Counters.of(_info(56000, 200000, _xb(0, 0, miss=0))), 2.0)
+    # the second scan fills the cache (misses only): post-copy waits for the verdict
+    fill = Counters.of(_info(89000, 200000, _xb(0, 0, miss=33000)))
+    assert not w.observe(3, 120 << 20, fill, 3.0)
+    assert w.undecided() and w.filling_since == 3.0
+    # pages come back: the window starts at the first hit ...
+    first = Counters.of(_info(89000, 200000, _xb(10, 60)))
+    assert not w.observe(4, 120 << 20, first, 3.1)
+    # ... and 32,000 pages as 6-byte deltas in 50 ms settle it
+    assert w.observe(4, 10 << 20, Counters.of(_info(89000, 200000, _xb(32010, 192060))), 3.15)
     assert w.verdict is True and not w.undecided()
     assert w.flush_bps == pytest.approx(32000 * PAGE / 0.05)
     assert w.flush_bps is not None and w.switchover_bps() == int(w.flush_bps * 0.8)
     assert w.rate_for(119e6) == w.switchover_bps()
     assert "pays" in w.notes[-1] and "6 B" in w.notes[-1]
     # the pre-copy keeps running: the rate is measured again, over the whole delta period
-    later = Counters.of(_info(89000, 200000, _xb(96000, 576000)))
-    assert w.observe(5, 8 << 20, later, 3.2)
+    later = Counters.of(_info(89000, 200000, _xb(96010, 576060)))
+    assert w.observe(5, 8 << 20, later, 3.3)
     assert w.flush_bps == pytest.approx(96000 * PAGE / 0.2)
-    assert not w.observe(6, 8 << 20, later, 3.25)  # not again within 100 ms
+    assert not w.observe(6, 8 << 20, later, 3.35)  # not again within 100 ms
 
 
 def test_whole_page_rewrites_do_not_pay() -> None:
     w = PassWatch(xbzrle=True)
-    w.observe(2, 130 << 20, Counters.of(_info(89000, 0, _xb(0, 0))), 2.0)
-    w.observe(3, 120 << 20, Counters.of(_info(89000, 0, _xb(0, 0))), 3.0)
+    w.observe(2, 130 << 20, Counters.of(_info(89000, 0, _xb(0, 0, miss=33000))), 2.0)
+    w.observe(3, 120 << 20, Counters.of(_info(89000, 0, _xb(0, 5000, overflow=1))), 3.0)
     # deltas overflow: pages go whole
-    assert w.observe(3, 100 << 20, Counters.of(_info(92000, 0, _xb(10, 9000, overflow=2990))), 3.2)
+    over = Counters.of(_info(92000, 0, _xb(10, 9000, overflow=2991)))
+    assert w.observe(3, 100 << 20, over, 3.2)
     assert w.verdict is False and not w.undecided()
     assert w.switchover_bps() is None and w.rate_for(119e6) == 119e6
     assert "does not pay" in w.notes[-1]
+
+
+def test_a_cache_nothing_comes_back_to_does_not_pay() -> None:
+    w = PassWatch(xbzrle=True)
+    w.observe(1, 1 << 30, Counters(), 0.0)
+    w.observe(2, 900 << 20, Counters(miss=10), 3.0)  # the first scan took 3 s
+    assert not w.observe(3, 900 << 20, Counters(miss=90000), 5.9)
+    assert w.undecided()
+    assert w.observe(4, 900 << 20, Counters(miss=200000), 6.1)  # filling as long as scan 1
+    assert w.verdict is False and "no page came back" in w.notes[-1]
+
+
+def test_a_small_working_set_is_judged_after_half_a_second() -> None:
+    w = PassWatch(xbzrle=True)
+    w.observe(2, 1 << 20, Counters(miss=300), 1.0)
+    w.observe(3, 1 << 20, Counters(encoded=5, wire=30, miss=300), 1.1)
+    assert not w.observe(4, 1 << 20, Counters(encoded=400, wire=2400, miss=300), 1.5)
+    assert w.observe(5, 1 << 20, Counters(encoded=800, wire=4800, miss=300), 1.61)
+    assert w.verdict is True
 
 
 def test_large_deltas_do_not_pay() -> None:
@@ -103,7 +126,7 @@ def test_too_few_pages_wait_unless_the_pass_ended() -> None:
     few = Counters(encoded=100, wire=600)
     assert xbzrle_pays(few, PAGE, final=False) is None
     assert xbzrle_pays(few, PAGE, final=True) is True
-    assert xbzrle_pays(Counters(), PAGE, final=True) is False
+    assert xbzrle_pays(Counters(), PAGE, final=True) is None
 
 
 def test_without_xbzrle_nothing_waits() -> None:
@@ -112,3 +135,33 @@ def test_without_xbzrle_nothing_waits() -> None:
         assert not w.observe(n, 1 << 20, Counters(), float(n))
     assert not w.undecided() and w.verdict is None and w.switchover_bps() is None
     assert w.pass_no == 4 and w.pass_remaining == 1 << 20
+
+
+def _paying_watch() -> PassWatch:
+    w = PassWatch(xbzrle=True)
+    w.observe(2, 130 << 20, Counters.of(_info(89000, 0, _xb(0, 0))), 2.0)
+    w.observe(3, 120 << 20, Counters.of(_info(89000, 0, _xb(1, 6))), 3.0)
+    # 32,000 deltas in 0.1 s: 1.31 GB/s, 80 % of it for QEMU: 52 MB fit in 50 ms
+    assert w.observe(3, 60 << 20, Counters.of(_info(89000, 0, _xb(32001, 192006))), 3.1)
+    return w
+
+
+def test_working_set_rewritten_every_pass_stalls_after_three_passes() -> None:
+    w = _paying_watch()
+    c = Counters.of(_info(89000, 0, _xb(32001, 192006)))
+    for n, t in ((4, 3.15), (5, 3.2)):
+        w.observe(n, 128 << 20, c, t)
+        assert not w.stalled(50, t)
+    w.observe(6, 128 << 20, c, 3.25)
+    assert w.stalled(50, 3.25)  # each pass began with 128 MB: more than fits
+    assert not w.stalled(500, 3.25)  # a 500 ms downtime would take it
+
+
+def test_shrinking_remainder_is_not_stalled_until_the_grace_ends() -> None:
+    w = _paying_watch()
+    c = Counters.of(_info(89000, 0, _xb(32001, 192006)))
+    for n, t in ((4, 3.15), (5, 3.2), (6, 3.25), (7, 3.3)):
+        w.observe(n, (128 if n % 2 else 16) << 20, c, t)
+    assert not w.stalled(50, 3.3)
+    assert w.stalled(50, 3.1 + 2.01)
+    assert not PassWatch(xbzrle=True).stalled(50, 100.0)  # no verdict: nothing to give up

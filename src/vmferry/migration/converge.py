@@ -3,14 +3,15 @@
 The policy's escalation: line rate → XBZRLE where it pays → CPU throttling or post-copy.
 
 XBZRLE (QEMU's delta encoding of re-sent pages against a cache of what was sent before) starts
-on its own once QEMU's first full pass is done: the second pass fills the cache, the third is
-the first whose pages can go as deltas. Whether it pays depends on how the guest writes: a
-guest that changes a few bytes per page sends a few bytes per page; a guest that rewrites
-whole pages with new data gains nothing. :class:`PassWatch` judges it from QEMU's own counters
-once enough pages of the third pass went through, and measures how fast the source then gets
-through dirty memory (pages handled per second, whatever their encoding). QEMU only knows the
-bytes it put on the wire, so with deltas it believes the link is slow and never switches over;
-the engine hands it the measured rate as ``avail-switchover-bandwidth``.
+on its own once QEMU's first scan of memory is done: the second scan fills the cache, from the
+third pages that come back to it can go as deltas. Whether it pays depends on how the guest
+writes: a guest that changes a few bytes per page sends a few bytes per page; a guest that
+rewrites whole pages with new data gains nothing. :class:`PassWatch` judges it from QEMU's own
+cache counters once 2,000 pages came back to the cache (or 0.5 s went by), and measures how
+fast the source then gets through dirty memory (pages handled per second, whatever their
+encoding). QEMU only knows the bytes it put on the wire, so with deltas it believes the link
+is slow and never switches over; the engine hands it the measured rate as
+``avail-switchover-bandwidth``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Pages of an XBZRLE pass to see before judging it (or the pass ends first).
+#: Pages to see coming back to the cache before judging XBZRLE, or this long.
 JUDGE_PAGES = 2000
+JUDGE_S = 0.5
+#: A cache filled for this long (at least) with no page coming back: XBZRLE does not pay.
+NO_HIT_S = 2.0
 #: XBZRLE pays when most pages go as deltas ...
 MIN_ENCODED_SHARE = 0.5
 #: ... and a delta costs at most this share of a page on the wire.
@@ -33,6 +37,10 @@ SWITCHOVER_SAFETY = 0.8
 #: period) and handed to QEMU again when it moved by this share.
 REMEASURE_S = 0.1
 REMEASURE_CHANGE = 0.2
+#: Once XBZRLE pays, pre-copy gives up (for post-copy) after this many passes that each
+#: started with more than fits in the downtime, or after this long.
+STALL_PASSES = 3
+GRACE_S = 2.0
 #: The XBZRLE cache: a quarter of the guest's memory, within these bounds.
 CACHE_MIN = 64 << 20
 CACHE_MAX = 1 << 30
@@ -79,10 +87,11 @@ class Counters:
 
 
 def xbzrle_pays(delta: Counters, page_size: int, *, final: bool) -> bool | None:
-    """Whether XBZRLE paid over ``delta`` (None: too few pages seen yet, unless ``final``)."""
+    """Whether XBZRLE paid over ``delta`` (None: too few pages seen yet, unless ``final``;
+    none at all is no evidence either way)."""
     tried = delta.encoded + delta.overflow + delta.miss
     if tried == 0:
-        return False if final else None
+        return None
     if tried < JUDGE_PAGES and not final:
         return None
     if delta.encoded < MIN_ENCODED_SHARE * tried:
@@ -99,13 +108,18 @@ class PassWatch:
     pass_started: float = 0.0
     #: What the current pass must send: what the guest dirtied during the last one.
     pass_remaining: int = 0
-    #: Counters at the start of the first XBZRLE pass (the third).
+    began_at: float | None = None
+    #: When QEMU began to fill the cache (its first miss).
+    filling_since: float | None = None
+    #: Counters when pages first came back to the cache (its first hit).
     xbzrle_start: Counters | None = None
     xbzrle_started_at: float = 0.0
     #: XBZRLE pays (True), does not (False), not judged yet (None).
     verdict: bool | None = None
     judged_at: float = 0.0
     measured_at: float = 0.0
+    #: What each pass since the verdict started with (sampled at its first poll).
+    after_verdict: list[int] = field(default_factory=list)
     #: Raw bytes of dirty memory per second the source gets through with XBZRLE.
     flush_bps: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -114,25 +128,43 @@ class PassWatch:
         self, passes: int, remaining: int, counters: Counters, now: float, page_size: int = 4096
     ) -> bool:
         """Take one ``query-migrate`` sample; True when the XBZRLE verdict was just reached."""
-        new_pass = passes != self.pass_no
-        if new_pass:
+        if self.began_at is None:
+            self.began_at = now
+        if passes != self.pass_no:
             self.pass_no = passes
             self.pass_started = now
             self.pass_remaining = remaining
+            if self.verdict:
+                self.after_verdict.append(remaining)
         if self.verdict:
             return self._remeasure(counters, now, page_size)
-        if not self.xbzrle or self.verdict is not None or passes < 3:
+        if not self.xbzrle or self.verdict is not None:
             return False
+        # QEMU's bitmap syncs (``passes``) need not match its scans of memory, so the phases
+        # are read off the cache's own counters: misses while it fills, hits (deltas or
+        # overflows) once pages come back to it.
         if self.xbzrle_start is None:
-            self.xbzrle_start = counters
-            self.xbzrle_started_at = now
-            return False
+            if counters.encoded + counters.overflow > 0:
+                self.xbzrle_start, self.xbzrle_started_at = counters, now
+                return False
+            if counters.miss and self.filling_since is None:
+                self.filling_since = now
+            if self.filling_since is None:
+                return False
+            # A cache that pages never come back to (a working set larger than it): judge
+            # it once filling took as long as the first scan of memory did, or 2 s.
+            if now - self.filling_since <= max(NO_HIT_S, self.filling_since - self.began_at):
+                return False
+            return self._judge(False, Counters(), now, page_size, "no page came back to it")
         delta = counters - self.xbzrle_start
-        # Pass numbers are QEMU's bitmap syncs, which need not match its scans of memory:
-        # judge a small working set after two more of them.
-        verdict = xbzrle_pays(delta, page_size, final=passes >= 5)
+        verdict = xbzrle_pays(delta, page_size, final=now - self.xbzrle_started_at > JUDGE_S)
         if verdict is None:
             return False
+        return self._judge(verdict, delta, now, page_size)
+
+    def _judge(
+        self, verdict: bool, delta: Counters, now: float, page_size: int, why: str = ""
+    ) -> bool:
         self.verdict = verdict
         self.judged_at = self.measured_at = now
         seconds = now - self.xbzrle_started_at
@@ -140,12 +172,14 @@ class PassWatch:
             self.flush_bps = delta.handled * page_size / seconds
         tried = max(1, delta.encoded + delta.overflow + delta.miss)
         per_page = delta.wire / delta.encoded if delta.encoded else 0.0
-        self.notes.append(
-            f"XBZRLE {'pays' if verdict else 'does not pay'} in pass 3: "
+        what = why or (
             f"{100 * delta.encoded / tried:.0f} % of pages as deltas of {per_page:.0f} B"
             + (f", dirty memory flushed at {self.flush_bps / 1e6:.0f} MB/s"
                if self.flush_bps else "")
         )  # fmt: skip
+        self.notes.append(
+            f"XBZRLE {'pays' if verdict else 'does not pay'} (pass {self.pass_no}): {what}"
+        )
         return True
 
     def _remeasure(self, counters: Counters, now: float, page_size: int) -> bool:
@@ -173,6 +207,19 @@ class PassWatch:
         if not (self.verdict and self.flush_bps):
             return None
         return math.floor(self.flush_bps * SWITCHOVER_SAFETY)
+
+    def stalled(self, downtime_ms: int, now: float) -> bool:
+        """XBZRLE pays, yet pre-copy cannot finish: for STALL_PASSES passes since the verdict
+        the guest had re-dirtied more than fits in the downtime at the XBZRLE rate (a working
+        set rewritten within every pass), or GRACE_S went by."""
+        if not self.verdict:
+            return False
+        bps = self.switchover_bps() or 0
+        fits = bps * downtime_ms / 1000
+        recent = self.after_verdict[-STALL_PASSES:]
+        if len(recent) >= STALL_PASSES and min(recent) > fits:
+            return True
+        return now - self.judged_at > GRACE_S
 
     def undecided(self) -> bool:
         """XBZRLE may still pay: hold post-copy back until the third pass shows it."""

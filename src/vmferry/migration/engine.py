@@ -85,8 +85,6 @@ JobListener = Callable[[str, Job], None]
 
 #: Pre-copy passes the auto policy accepts before it prefers post-copy.
 MAX_PRECOPY_PASSES = 4
-#: Once XBZRLE pays, pre-copy has this long to finish before post-copy takes over.
-XBZRLE_GRACE_S = 2.0
 
 
 def predict_passes(remaining: int, dirty_bps: float, link_bps: float, target_ms: int) -> float:
@@ -810,7 +808,7 @@ class Moves:
                 watch.rate_for(p.mbps * 1e6 / 8),
                 job.options.downtime_target_ms,
             )
-            stuck = watch.verdict is True and now - watch.judged_at > XBZRLE_GRACE_S
+            stuck = watch.stalled(job.options.downtime_target_ms, now)
             due = (
                 p.passes >= 2 and p.mbps > 0 and not watch.undecided()
                 and (needed > MAX_PRECOPY_PASSES or stuck)
