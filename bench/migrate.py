@@ -331,6 +331,8 @@ def _derive(run: dict[str, Any], sc: Scenario) -> None:
     run["blackout_phase"] = _phases_during(
         job, bo.get("longest_gap_start_epoch"), bo.get("longest_gap_ms")
     )
+    run["handover_gap_ms"], run["before_gap_ms"] = split_gaps(job, bo) if run["finished"] else (
+        None, None)  # fmt: skip
     run["ram_bytes"] = ram_bytes
     run["disk_bytes"] = disk_bytes
     run["bytes_sent"] = ram_bytes + disk_bytes
@@ -338,6 +340,23 @@ def _derive(run: dict[str, Any], sc: Scenario) -> None:
     run["postcopy_used"] = job.get("postcopy_used")
     run["escalations"] = job.get("escalations")
     run["error"] = (job.get("error") or {}).get("message") or run.get("bench_error")
+
+
+def split_gaps(job: dict[str, Any], bo: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The longest echo gap that overlaps the hand-over (from the first of ``postcopy`` and
+    ``switchover`` to the end of ``announce``), and the longest that ended before it (the guest
+    still running on the source). From the probe's list of its 10 longest gaps."""
+    started = bo.get("started_epoch")
+    phases = {p["phase"]: p for p in job.get("phases") or []}
+    first = [phases[p]["started_at"] for p in ("postcopy", "switchover") if p in phases]
+    end = (phases.get("announce") or phases.get("resume") or {}).get("ended_at")
+    if started is None or not first or end is None:
+        return None, None
+    begin = min(first)
+    at_handover = [ms for at, ms in bo.get("gaps") or []
+                   if started + at <= end and started + at + ms / 1000 >= begin]  # fmt: skip
+    before = [ms for at, ms in bo.get("gaps") or [] if started + at + ms / 1000 < begin]
+    return (max(at_handover) if at_handover else 0.0), (max(before) if before else 0.0)
 
 
 def memory_to_move(runs: Sequence[dict[str, Any]]) -> tuple[int, str]:
@@ -375,7 +394,7 @@ def add_limits(runs: list[dict[str, Any]]) -> None:
 
 PHASE_COLUMNS = ("mirror", "precopy", "postcopy", "switchover", "resume", "announce")
 FIGURES = ("span_s", "total_s", "ratio", "blackout_ms", "qemu_downtime_ms", "bytes_sent",
-           "limit_s")  # fmt: skip
+           "limit_s", "handover_gap_ms", "before_gap_ms")  # fmt: skip
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -485,8 +504,9 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "## Phases and QEMU figures (medians of finished runs)",
         "",
         "| scenario | variant | mirror s | precopy s | postcopy s | switchover s | resume s "
-        "| announce s | passes | post-copy runs | phases in longest gap | first pass | limit s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| announce s | passes | post-copy runs | phases in longest gap | gap at hand-over ms "
+        "| longest gap before ms | first pass | limit s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in SCENARIOS:
         for variant in VARIANTS:
@@ -498,6 +518,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
             lines.append(
                 f"| {sc.key} | {variant} | {' | '.join(cells)} | {_fmt(s['passes'], '.0f')} "
                 f"| {s['postcopy_runs']} | {', '.join(s['blackout_phase']) or '—'} "
+                f"| {_fmt(s['handover_gap_ms'], '.0f')} | {_fmt(s['before_gap_ms'], '.0f')} "
                 f"| {_mb(s['first_pass_bytes'])} | {_fmt(s['limit_s'], '.2f')} |"
             )
     notes = []
@@ -529,7 +550,13 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "stream sent from the lab's client namespace, running from before the move until "
         f"{AFTER_S:.0f} s after the job ended. **QEMU downtime**: QEMU's own `downtime` "
         "(source view, stop to completion); † = the job recorded QEMU's stats before QEMU had "
-        "filled them in (`total-time` and `downtime` both 0): no figure. **bytes sent**: "
+        "filled them in (`total-time` and `downtime` both 0): no figure. **gap at hand-over**: "
+        "the longest echo gap overlapping the hand-over (from the start of `postcopy` or "
+        "`switchover` to the end of `announce`); **longest gap before**: the longest that "
+        "ended before it, while the guest still ran on the source (under TCG a busy guest "
+        "can stall there, when QEMU starts tracking dirty pages and while it copies). The "
+        "guest blackout is the larger of the two (or of a gap after the hand-over). "
+        "**bytes sent**: "
         "QEMU's `ram.transferred` + for sn the mirror's copied bytes "
         "(`progress.disk_transferred`).",
         "- **baseline**: the same plumbing with `qemu_defaults: true` (plain migrate, QEMU's "
