@@ -26,6 +26,7 @@ from typing import Any
 from vmferry.client import FerryClient, FerryError
 from vmferry.lab import Lab
 from vmferry.lab.lab import BackgroundProbe, probe, start_probe, wait_answer
+from vmferry.lab.probe import GAP_LIST_LEN
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -345,7 +346,7 @@ def _derive(run: dict[str, Any], sc: Scenario) -> None:
 def split_gaps(job: dict[str, Any], bo: dict[str, Any]) -> tuple[float | None, float | None]:
     """The longest echo gap that overlaps the hand-over (from the first of ``postcopy`` and
     ``switchover`` to the end of ``announce``), and the longest that ended before it (the guest
-    still running on the source). From the probe's list of its 10 longest gaps."""
+    still running on the source). From the probe's list of its longest gaps (over 5 ms)."""
     started = bo.get("started_epoch")
     phases = {p["phase"]: p for p in job.get("phases") or []}
     first = [phases[p]["started_at"] for p in ("postcopy", "switchover") if p in phases]
@@ -356,7 +357,10 @@ def split_gaps(job: dict[str, Any], bo: dict[str, Any]) -> tuple[float | None, f
     at_handover = [ms for at, ms in bo.get("gaps") or []
                    if started + at <= end and started + at + ms / 1000 >= begin]  # fmt: skip
     before = [ms for at, ms in bo.get("gaps") or [] if started + at + ms / 1000 < begin]
-    return (max(at_handover) if at_handover else 0.0), (max(before) if before else 0.0)
+    # Not among the longest listed: shorter than all of them, unknown how long (None).
+    full = len(bo.get("gaps") or []) >= GAP_LIST_LEN
+    none = None if full else 0.0
+    return (max(at_handover) if at_handover else none), (max(before) if before else none)
 
 
 def memory_to_move(runs: Sequence[dict[str, Any]]) -> tuple[int, str]:

@@ -35,3 +35,10 @@ def test_a_gap_that_began_before_post_copy_counts_at_the_hand_over() -> None:
 def test_no_hand_over_no_split() -> None:
     assert split_gaps(_job(precopy=(1.0, 2.0)), {"started_epoch": T0, "gaps": []}) == (None, None)
     assert split_gaps({}, {}) == (None, None)
+
+
+def test_a_hand_over_gap_missing_from_a_full_list_is_unknown() -> None:
+    job = _job(precopy=(1.0, 5.0), switchover=(5.0, 5.05), announce=(5.1, 5.12))
+    full = [[0.1 * i, 300.0 + i] for i in range(10)]  # ten long gaps, all early in pre-copy
+    assert split_gaps(job, {"started_epoch": T0, "gaps": full}) == (None, 309.0)
+    assert split_gaps(job, {"started_epoch": T0, "gaps": full[:3]}) == (0.0, 302.0)
