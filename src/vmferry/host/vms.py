@@ -55,6 +55,9 @@ log = logging.getLogger("vmferry.host")
 
 #: Raised QEMU's 128 MiB/s default so saving and migrating are not throttled by accident.
 UNLIMITED_BANDWIDTH = 1 << 40
+#: Capabilities a live move may leave on in a QEMU (migration/qemu_ops.py); a save turns them off.
+_MOVE_CAPABILITIES = ("postcopy-preempt", "postcopy-ram", "xbzrle", "multifd", "auto-converge",
+                      "pause-before-switchover")  # fmt: skip
 
 
 class VMState(StrEnum):
@@ -725,6 +728,11 @@ class VMManager:
                             await q.execute(
                                 "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
                             )
+                            # A plain one-pass stream, whatever an earlier (failed) live move
+                            # of this QEMU turned on.
+                            await q.execute("migrate-set-capabilities", {"capabilities": [
+                                {"capability": c, "state": False} for c in _MOVE_CAPABILITIES
+                            ]})  # fmt: skip
                             await q.send_fd(fh.fileno(), "savestate")
                             await q.execute("migrate", {"uri": "fd:savestate"})
                             await _wait_migration(q, timeout=600)

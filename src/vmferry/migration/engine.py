@@ -872,8 +872,6 @@ class Moves:
         await _drop_mirrors(q)
         with contextlib.suppress(QmpError):
             await disable_tls(q)  # a later save (migrate fd:) must not expect TLS
-        with contextlib.suppress(QmpError):  # nor post-copy, XBZRLE or multifd
-            await set_capabilities(q, "tcp", 1, False, incoming=False)
         with contextlib.suppress(QmpError):
             st = await q.status()
             # Never resume the source once post-copy started: the guest already ran on the
