@@ -354,12 +354,12 @@ def split_gaps(job: dict[str, Any], bo: dict[str, Any]) -> tuple[float | None, f
     if started is None or not first or end is None:
         return None, None
     begin = min(first)
-    at_handover = [ms for at, ms in bo.get("gaps") or []
+    gaps = bo.get("gaps") or []
+    at_handover = [ms for at, ms in gaps
                    if started + at <= end and started + at + ms / 1000 >= begin]  # fmt: skip
-    before = [ms for at, ms in bo.get("gaps") or [] if started + at + ms / 1000 < begin]
+    before = [ms for at, ms in gaps if started + at + ms / 1000 < begin]
     # Not among the longest listed: shorter than all of them, unknown how long (None).
-    full = len(bo.get("gaps") or []) >= GAP_LIST_LEN
-    none = None if full else 0.0
+    none = None if len(gaps) >= GAP_LIST_LEN else 0.0
     return (max(at_handover) if at_handover else none), (max(before) if before else none)
 
 
@@ -557,9 +557,9 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "filled them in (`total-time` and `downtime` both 0): no figure. **gap at hand-over**: "
         "the longest echo gap overlapping the hand-over (from the start of `postcopy` or "
         "`switchover` to the end of `announce`); **longest gap before**: the longest that "
-        "ended before it, while the guest still ran on the source (under TCG a busy guest "
-        "can stall there, when QEMU starts tracking dirty pages and while it copies). The "
-        "guest blackout is the larger of the two (or of a gap after the hand-over). "
+        "ended before it, while the guest still ran on the source (many short XBZRLE "
+        "passes each stall a TCG guest a little). The guest blackout is the larger of the two "
+        "(or of a gap after the hand-over). "
         "**bytes sent**: "
         "QEMU's `ram.transferred` + for sn the mirror's copied bytes "
         "(`progress.disk_transferred`).",

@@ -519,7 +519,7 @@ static int role_dirty(const struct opts *o)
 	uint64_t size, rate;
 	int full;
 	if (parse_dirty(o->dirty, &size, &rate, &full) < 0) {
-		warnx("probe: bad dirty spec '%s' (want SIZE@RATE, e.g. 128M@0)\n", o->dirty);
+		warnx("probe: bad dirty spec '%s' (want SIZE@RATE[:full], e.g. 128M@0)\n", o->dirty);
 		return 2;
 	}
 	const size_t page = 4096, chunk = 64;

@@ -105,7 +105,6 @@ class PassWatch:
 
     xbzrle: bool
     pass_no: int = 0
-    pass_started: float = 0.0
     #: What the current pass must send: what the guest dirtied during the last one.
     pass_remaining: int = 0
     began_at: float | None = None
@@ -132,7 +131,6 @@ class PassWatch:
             self.began_at = now
         if passes != self.pass_no:
             self.pass_no = passes
-            self.pass_started = now
             self.pass_remaining = remaining
             if self.verdict:
                 self.after_verdict.append(remaining)
@@ -222,5 +220,6 @@ class PassWatch:
         return now - self.judged_at > GRACE_S
 
     def undecided(self) -> bool:
-        """XBZRLE may still pay: hold post-copy back until the third pass shows it."""
+        """XBZRLE may still pay: hold post-copy back until pages coming back to the cache
+        show whether it does."""
         return self.xbzrle and self.verdict is None
