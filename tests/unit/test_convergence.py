@@ -165,3 +165,22 @@ def test_shrinking_remainder_is_not_stalled_until_the_grace_ends() -> None:
     assert not w.stalled(50, 3.3)
     assert w.stalled(50, 3.1 + 2.01)
     assert not PassWatch(xbzrle=True).stalled(50, 100.0)  # no verdict: nothing to give up
+
+
+def test_send_queue_is_bounded_near_the_end_of_the_first_scan() -> None:
+    from vmferry.migration.converge import QUEUE_LEAD_S, bulk_copy_ending
+
+    gib, rate = 1 << 30, 125e6
+    left = int(rate * QUEUE_LEAD_S)  # wire bytes the lead allows
+    # idle guest, a tenth of memory is data: 900 MiB left to scan is ~90 MB on the wire
+    assert not bulk_copy_ending(1, gib, 12 << 20, 900 << 20, rate)
+    # a tenth of what is left to scan, within the lead
+    remaining = 9 * left
+    scanned = gib - remaining
+    assert bulk_copy_ending(1, gib, scanned // 10, remaining, rate)
+    # the same pages left in a guest full of data are 9 leads on the wire
+    assert not bulk_copy_ending(1, gib, scanned, remaining, rate)
+    # before the scan started, and in every later pass
+    assert not bulk_copy_ending(1, gib, 0, gib, rate)
+    assert not bulk_copy_ending(0, 0, 0, 0, rate)
+    assert bulk_copy_ending(2, gib, 824 << 20, 500 << 20, rate)

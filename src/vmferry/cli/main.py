@@ -304,6 +304,13 @@ def host_set(
         str | None, typer.Option("--transport", help="tcp | compression | multichannel")
     ] = None,
     streams: Annotated[int | None, typer.Option("--streams", help="multichannel streams")] = None,
+    send_queue: Annotated[
+        float | None,
+        typer.Option(
+            "--send-queue",
+            help="ms of unsent data a migration socket may queue at its rate (0 = kernel default)",
+        ),
+    ] = None,
     storage_max_concurrent: Annotated[
         int | None, typer.Option("--storage-max-concurrent", help="storage moves at once")
     ] = None,
@@ -347,6 +354,7 @@ def host_set(
             ("transport", transport),
             ("streams", streams),
             ("authentication", migration_authentication),
+            ("send_queue_ms", send_queue),
         ):
             if val is not None:
                 mig[key] = val

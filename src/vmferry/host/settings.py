@@ -52,6 +52,11 @@ class MigrationSettings(BaseModel):
     transport: Literal["tcp", "compression", "multichannel"] = "tcp"
     streams: int = Field(default=4, ge=1, le=64)
     bandwidth_mbps: int | None = Field(default=None, ge=1)
+    #: Unsent data each migration socket may queue, in milliseconds at the stream's rate
+    #: (``TCP_NOTSENT_LOWAT`` on QEMU's sockets, see docs/migration.md): what is queued when
+    #: QEMU stops the guest is sent during the pause. 0 leaves the kernel's default (up to
+    #: ``net.ipv4.tcp_wmem``'s maximum, 4 MiB: 34 ms at 1 Gbit/s).
+    send_queue_ms: float = Field(default=8.0, ge=0, le=1000)
     port_min: int = Field(default=49152, ge=1024, le=65535)
     port_max: int = Field(default=49215, ge=1024, le=65535)
     #: Who may start a move from this host and what this host accepts (docs/security.md):

@@ -46,6 +46,31 @@ CACHE_MIN = 64 << 20
 CACHE_MAX = 1 << 30
 
 
+#: The send queue of the migration sockets is bounded once what is left of the bulk copy
+#: takes this long on the wire (it needs a moment to drain to the bound before the pause).
+QUEUE_LEAD_S = 0.1
+
+
+def bulk_copy_ending(
+    passes: int, total: int, transferred: int, remaining: int, rate_bps: float
+) -> bool:
+    """True once the first scan of memory is nearly done or over.
+
+    During the first scan ``remaining`` counts every page not yet scanned, zero pages too; the
+    bytes it will put on the wire are estimated from the share the scanned part needed. The
+    engine bounds the sockets' send queue from then on: a short queue costs the writer a
+    little throughput (one wake-up per few records under TLS), a long one adds itself to the
+    guest's pause at the switchover.
+    """
+    if passes >= 2:
+        return True
+    scanned = total - remaining
+    if passes < 1 or scanned <= 0 or total <= 0:
+        return False
+    wire_left = remaining * (transferred / scanned)
+    return wire_left <= rate_bps * QUEUE_LEAD_S
+
+
 def xbzrle_cache_bytes(memory_bytes: int) -> int:
     """The cache size for a guest of ``memory_bytes`` (a power of two, as QEMU uses)."""
     want = max(CACHE_MIN, min(CACHE_MAX, memory_bytes // 4))

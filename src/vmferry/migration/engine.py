@@ -27,7 +27,7 @@ from vmferry.host.host import cpu_info
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import VMSpec
 from vmferry.host.vms import VMManager, VMState
-from vmferry.migration.converge import Counters, PassWatch, xbzrle_cache_bytes
+from vmferry.migration.converge import Counters, PassWatch, bulk_copy_ending, xbzrle_cache_bytes
 from vmferry.migration.model import (
     CheckResult,
     Destination,
@@ -52,11 +52,16 @@ from vmferry.migration.qemu_ops import (
 from vmferry.migration.slots import Slots
 from vmferry.migration.trace import TraceRecorder
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+from vmferry.qemu.sockets import set_nodelay, set_notsent_lowat, stream_fds
 from vmferry.qemu.tls import X509Files, prepare_creds_dir
 
 log = logging.getLogger("vmferry.migration")
 
 POLL_S = 0.02
+#: The migration link's rate assumed until QEMU has measured it (bounds the send queue).
+ASSUMED_LINK_MBPS = 1000
+#: The smallest send queue the engine sets: below it the writer cannot keep a link busy.
+MIN_SEND_QUEUE = 256 << 10
 #: Before switchover, a destination agent silent this long fails the move (the VM stays here).
 PEER_SILENT_S = 10.0
 #: How long the source keeps asking an unreachable destination to drop a failed move's skeleton.
@@ -679,10 +684,62 @@ class Moves:
         await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
         started = time.monotonic()
         watch = _PeerWatch(peer, job.id)
+        tune = asyncio.ensure_future(self._tune_sockets(
+            job, plan.port, s.send_queue_ms, opts.bandwidth_mbps or s.bandwidth_mbps))  # fmt: skip
         try:
             await self._precopy_loop(job, q, plan, peer, address, req, watch, started)
         finally:
             watch.close()
+            tune.cancel()
+
+    async def _tune_sockets(self, job: Job, port: int, ms: float, cap_mbps: int | None) -> None:
+        """Tune the source QEMU's migration sockets (qemu/sockets.py) while it copies.
+
+        Nagle's algorithm off at once (QEMU leaves it on for the main channel: TLS handshake
+        messages and the stream's first sections would wait for the destination's delayed
+        acknowledgement, 40 ms each, while the guest stalls). From the end of the first scan
+        of memory on, at most ``ms`` of unsent data at the stream's rate: what the sockets
+        hold when QEMU stops the guest is sent during the pause. Runs until pre-copy ends."""
+        proc = self.vms.process(job.vm)
+        if proc is None:
+            return
+        pid, started = proc.pid, time.monotonic()
+        quick: set[int] = set()  # socket inodes with Nagle off
+        bounded: dict[int, int] = {}  # socket inode -> send-queue bound in bytes
+        while True:
+            fds = stream_fds(pid, port)
+            try:
+                new = [fd for fd, ino in fds.items() if ino not in quick]
+                if new:
+                    set_nodelay(pid, new)
+                    quick.update(fds.values())
+                bound = self._send_queue_bound(job, ms, cap_mbps)
+                # (re)bounded when the rate moved by more than a quarter
+                stale = [fd for fd, ino in fds.items() if bound
+                         and not 0.8 * bound <= bounded.get(ino, 0) <= 1.25 * bound]  # fmt: skip
+                if stale:
+                    set_notsent_lowat(pid, stale, bound)
+                    bounded.update({fds[fd]: bound for fd in stale})
+                    log.info("move %s: migration socket(s) queue at most %d KiB unsent",
+                             job.id, bound >> 10)  # fmt: skip
+            except OSError as exc:
+                log.warning("move %s: cannot tune the migration sockets (%s); the move's start "
+                            "and switchover may stall the guest longer", job.id, exc)  # fmt: skip
+                return
+            # The first socket is looked for closely: QEMU starts its TLS handshake at once.
+            await asyncio.sleep(0.002 if not quick and time.monotonic() - started < 1 else POLL_S)
+
+    @staticmethod
+    def _send_queue_bound(job: Job, ms: float, cap_mbps: int | None) -> int:
+        """The send-queue bound in bytes once the first scan of memory nearly ended, else 0."""
+        p = job.progress
+        rate_mbps = p.mbps if p.mbps > 0 else float(cap_mbps or ASSUMED_LINK_MBPS)
+        rate_bps = rate_mbps * 1e6 / 8
+        if ms <= 0 or not bulk_copy_ending(
+            p.passes, p.ram_total, p.ram_transferred, p.ram_remaining, rate_bps
+        ):
+            return 0
+        return max(MIN_SEND_QUEUE, int(rate_bps * ms / 1000))
 
     async def _precopy_loop(
         self, job: Job, q: QmpSession, plan: IncomingPlan, peer: Peer, address: str,

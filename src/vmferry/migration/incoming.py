@@ -32,6 +32,7 @@ from vmferry.migration.qemu_ops import (
 )
 from vmferry.migration.slots import Slots
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+from vmferry.qemu.sockets import listener_fds, set_nodelay
 from vmferry.qemu.tls import X509Files, host_identity, prepare_creds_dir
 
 log = logging.getLogger("vmferry.migration")
@@ -480,8 +481,23 @@ class IncomingMoves:
                 await q.execute("migrate-incoming", {"uri": f"tcp:{address}:{inc.plan.port}"})
         except QmpError as exc:
             raise HostError(f"destination could not start receiving: {exc}") from exc
+        await asyncio.to_thread(self._no_delay, name, inc.plan.port)
         if inc.req.postcopy:
             await self._open_oob(inc)
+
+    def _no_delay(self, name: str, port: int) -> None:
+        """Nagle's algorithm off on the streams QEMU accepts on ``port`` (QEMU leaves it on for
+        the main channel): with it, TLS handshake messages and return-path replies wait for
+        the peer's delayed acknowledgement, up to 40 ms each, while the source holds the
+        guest's big lock (see docs/migration.md)."""
+        proc = self.vms.process(name)
+        if proc is None:
+            return
+        try:
+            set_nodelay(proc.pid, list(listener_fds(proc.pid, port)))
+        except OSError as exc:
+            log.warning("VM %s: cannot turn Nagle's algorithm off on the migration port "
+                        "(%s); the move's start may stall the guest longer", name, exc)  # fmt: skip
 
     async def status(self, job_id: str) -> dict[str, Any]:
         """The destination QEMU's view (run state and migration status)."""
