@@ -564,7 +564,8 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "QEMU's `ram.transferred` + for sn the mirror's copied bytes "
         "(`progress.disk_transferred`).",
         "- **baseline**: the same plumbing with `qemu_defaults: true` (plain migrate, QEMU's "
-        "128 MiB/s cap, 300 ms downtime limit, no post-copy, no auto-converge).",
+        "128 MiB/s cap, 300 ms downtime limit, no post-copy, no auto-converge, QEMU's own "
+        "socket options).",
         "- A run that did not complete within its budget, or failed, counts as not finished; "
         "its figures are left out of the medians (raw values in migrate.json).",
     ]

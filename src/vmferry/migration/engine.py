@@ -684,6 +684,7 @@ class Moves:
         await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
         started = time.monotonic()
         watch = _PeerWatch(peer, job.id)
+        # The benchmark's baseline ("QEMU's defaults") keeps QEMU's own sockets as they are.
         tune = asyncio.ensure_future(self._tune_sockets(
             job, plan.port, s.send_queue_ms, opts.bandwidth_mbps or s.bandwidth_mbps))  # fmt: skip
         try:
@@ -701,7 +702,7 @@ class Moves:
         of memory on, at most ``ms`` of unsent data at the stream's rate: what the sockets
         hold when QEMU stops the guest is sent during the pause. Runs until pre-copy ends."""
         proc = self.vms.process(job.vm)
-        if proc is None:
+        if proc is None or job.options.qemu_defaults:
             return
         pid, started = proc.pid, time.monotonic()
         quick: set[int] = set()  # socket inodes with Nagle off

@@ -76,7 +76,8 @@ class MoveOptions(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0)
     on_timeout: Literal["abort", "force"] = "abort"
     #: Benchmark baseline only: drive QEMU with its own defaults (plain ``migrate``: the
-    #: 128 MiB/s cap, 300 ms downtime limit, one stream, no post-copy, no throttling).
+    #: 128 MiB/s cap, 300 ms downtime limit, one stream, no post-copy, no throttling, QEMU's
+    #: own socket options).
     qemu_defaults: bool = False
     #: No progress for this long while copying means the migration link is gone.
     stall_timeout_s: float = Field(default=20.0, ge=1, le=3600)
