@@ -489,8 +489,8 @@ class IncomingMoves:
     def _no_delay(self, name: str, port: int) -> None:
         """Nagle's algorithm off on the streams QEMU accepts on ``port`` (QEMU leaves it on for
         the main channel): with it, TLS handshake messages and return-path replies wait for
-        the peer's delayed acknowledgement, up to 40 ms each, while the source holds the
-        guest's big lock (see docs/migration.md)."""
+        the peer's delayed acknowledgement, up to 40 ms each, and the guest stalls meanwhile
+        (see docs/migration.md, "The migration sockets")."""
         proc = self.vms.process(name)
         if proc is None:
             return
