@@ -9,7 +9,9 @@ drain total <= 1.3 x (sum of single moves / drain concurrency). Finally ``resume
 brings them home (timed too).
 
 Times are wall-clock, from the API request to the moment etcd shows the new owner — what an
-admin waits for. Reports go to ``bench/results/drain.{md,json}``.
+admin waits for. Beside the target the report gives the floor this machine puts under any
+drain (:func:`resource_floor`): the CPU work and the link bytes of the single moves, which the
+drain has to do too, over what the machine has. Reports go to ``bench/results/drain.{md,json}``.
 Run as root: ``.venv/bin/python -m bench.run --only drain [--runs N]``.
 """
 
@@ -29,6 +31,7 @@ from vmferry.client import FerryClient, FerryError
 from vmferry.cluster.store import ClusterVMStore
 from vmferry.lab import Lab
 from vmferry.lab.lab import BackgroundProbe, start_probe, wait_answer
+from vmferry.lab.net import parse_rate
 
 RESULTS = Path(__file__).parent / "results"
 VMS = 6
@@ -37,6 +40,43 @@ CLUSTER = "bench"
 HOSTS = ("h1", "h2", "h3")
 MOVE_TIMEOUT_S = 180.0
 TARGET = 1.3
+#: Seconds over which the machine's background load (idle guests, agents, etcd) is measured.
+BACKGROUND_S = 5.0
+
+
+def cpu_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (``/proc/stat``, all CPUs)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def resource_floor(
+    singles: list[dict[str, Any]],
+    background_cpus: float,
+    cpus: int,
+    drain_bytes: int,
+    link_bps: int | None,
+) -> dict[str, float | None]:
+    """The least time any drain of these VMs can take on this machine.
+
+    CPU: each single move's CPU work (machine-wide CPU-seconds during the move less the
+    background's share) has to be done again in the drain, on the CPUs the background leaves.
+    Link: every move of the drain leaves the drained node through its one migration link, so
+    the drain's bytes take at least bytes / rate. Both are lower bounds (perfect overlap, no
+    per-move latency); the larger one is the floor.
+    """  # fmt: skip
+    work = sum(max(0.0, s["cpu_s"] - background_cpus * s["wall_s"]) for s in singles)
+    spare = cpus - background_cpus
+    cpu_floor = work / spare if spare > 0 else None
+    link_floor = drain_bytes * 8 / link_bps if link_bps else None
+    floors = [f for f in (cpu_floor, link_floor) if f is not None]
+    return {
+        "cpu_work_s": round(work, 3), "background_cpus": round(background_cpus, 3),
+        "cpu_floor_s": None if cpu_floor is None else round(cpu_floor, 3),
+        "link_floor_s": None if link_floor is None else round(link_floor, 3),
+        "floor_s": round(max(floors), 3) if floors else None,
+    }  # fmt: skip
 
 
 def _owner(store: ClusterVMStore, vm: str) -> tuple[str, str | None]:
@@ -82,15 +122,16 @@ def _setup(lab: Lab) -> tuple[list[str], dict[str, str]]:
 
 
 def _move(c: FerryClient, store: ClusterVMStore, vm: str, to: str) -> dict[str, Any]:
-    t0 = time.monotonic()
+    cpu0, t0 = cpu_busy_s(), time.monotonic()
     res = c.cluster_vm_move(vm, to, False, False, CLUSTER)
     _wait(lambda: _owner(store, vm) == (to, None), MOVE_TIMEOUT_S, f"{vm} owned by {to}")
-    wall = time.monotonic() - t0
+    wall, cpu = time.monotonic() - t0, cpu_busy_s() - cpu0
     with lab_client_for(res["from"]) as src:
         job = src.migration(res["job"]["id"])
     if job["state"] != "completed":
         raise RuntimeError(f"move of {vm} to {to}: {job['state']}: {job.get('error')}")
-    return {"vm": vm, "to": to, "wall_s": round(wall, 3), "job_total_s": job.get("total_s")}
+    return {"vm": vm, "to": to, "wall_s": round(wall, 3), "job_total_s": job.get("total_s"),
+            "cpu_s": round(cpu, 3), "bytes": int(job.get("bytes_sent") or 0)}  # fmt: skip
 
 
 _LAB: Lab | None = None
@@ -131,11 +172,14 @@ def _timeline(lab: Lab, host: str, since: float) -> list[dict[str, Any]]:
                 "vm": job["vm"], "to": job["destination"], "state": job["state"],
                 "start_s": round(job["created_at"] - since, 2),
                 "end_s": round((job["finished_at"] or since) - since, 2), "phases": phases,
+                "bytes": int(job.get("bytes_sent") or 0),
             })  # fmt: skip
     return sorted(rows, key=lambda r: r["start_s"])
 
 
-def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
+def run_once(
+    lab: Lab, names: list[str], ips: dict[str, str], link: str | None = LINK_RATE
+) -> dict[str, Any]:
     """Single moves (there and back), then a drain with sessions held, then a failback."""
     etcd = lab.etcd_client()
     store = ClusterVMStore(etcd)
@@ -148,12 +192,16 @@ def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
         with lab.client("h2") as c:
             for to in ("h2", "h3", "h1"):  # warm-up: each agent's first QEMU launch is slower
                 _move(c, store, names[0], to)
+            cpu0 = cpu_busy_s()
+            time.sleep(BACKGROUND_S)
+            background = (cpu_busy_s() - cpu0) / BACKGROUND_S
             for i, vm in enumerate(names):
                 singles.append(_move(c, store, vm, "h2" if i % 2 == 0 else "h3"))
                 _move(c, store, vm, "h1")
         with lab.client("h2") as c:
-            t_drain = time.time()
+            t_drain, cpu0 = time.time(), cpu_busy_s()
             drain_s, drain = _drain_until_done(c, "h1", "drain")
+            drain_cpu = cpu_busy_s() - cpu0
             where = {vm: _owner(store, vm)[0] for vm in names}
             timeline = _timeline(lab, "h1", t_drain)
             back_s, back = _drain_until_done(c, "h1", "failback")
@@ -165,13 +213,19 @@ def run_once(lab: Lab, names: list[str], ips: dict[str, str]) -> dict[str, Any]:
         concurrency = int(c.settings()["cluster"]["drain_concurrency"])
     total_single = sum(s["wall_s"] for s in singles)
     bound = total_single / concurrency
+    cpus = os.cpu_count() or 1
+    floor = resource_floor(singles, background, cpus, sum(t["bytes"] for t in timeline),
+                           parse_rate(link) if link else None)  # fmt: skip
     return {
         "singles": singles, "sum_single_s": round(total_single, 3), "concurrency": concurrency,
         "drain_s": round(drain_s, 3), "drain": drain, "placed": where,
         "failback_s": round(back_s, 3), "failback": back, "not_home_after_failback": away,
         "ratio": round(drain_s / bound, 3), "target": TARGET,
         "sessions_kept": sum(1 for r in held.values() if r.get("ok") and not r.get("reset")),
-        "sessions": len(held), "timeline": timeline,
+        "sessions": len(held), "timeline": timeline, "floor": floor,
+        "best_ratio": round(floor["floor_s"] / bound, 3) if floor["floor_s"] else None,
+        "drain_cpu_s": round(drain_cpu, 3),
+        "drain_cpu_use": round(drain_cpu / (drain_s * cpus), 3),
     }  # fmt: skip
 
 
@@ -199,7 +253,7 @@ def run_all(
         _set_concurrency(lab, concurrency)
         names, ips = _setup(lab)
         for i in range(runs):
-            row = run_once(lab, names, ips)
+            row = run_once(lab, names, ips, link)
             rows.append(row)
             if row["not_home_after_failback"]:  # the next run's single moves need them home
                 print(f"run {i + 1}: not back on h1 after the failback: "
@@ -244,18 +298,33 @@ def report(
         "`cluster drain h1` with a TCP session held to every guest, request to the drain "
         f"record's end. Target: drain <= {TARGET} x (sum of single moves / drain "
         "concurrency).", "",
-        "| run | sum of singles (s) | concurrency | drain (s) | ratio | target | failback (s) "
-        "| sessions kept | drain result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | sum of singles (s) | concurrency | drain (s) | ratio | target | floor (s): "
+        "CPU / link | best ratio here | CPU busy in drain | failback (s) | sessions kept "
+        "| drain result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+
+    def num(v: float | None, fmt: str = ".1f") -> str:
+        return "—" if v is None else format(v, fmt)
+
     for i, r in enumerate(rows):
-        d = r["drain"]
+        d, f = r["drain"], r.get("floor") or {}
         lines.append(
             f"| {i + 1} | {r['sum_single_s']:.1f} | {r['concurrency']} | {r['drain_s']:.1f} | "
-            f"{r['ratio']:.2f} | <= {TARGET} | {r['failback_s']:.1f} | "
-            f"{r['sessions_kept']}/{r['sessions']} | {d.get('status')}, "
-            f"{len(d.get('moved', {}))} moved |"
+            f"{r['ratio']:.2f} | <= {TARGET} | {num(f.get('cpu_floor_s'))} / "
+            f"{num(f.get('link_floor_s'))} | {num(r.get('best_ratio'), '.2f')} | "
+            f"{num(100 * r['drain_cpu_use'] if 'drain_cpu_use' in r else None, '.0f')} % | "
+            f"{r['failback_s']:.1f} | {r['sessions_kept']}/{r['sessions']} | "
+            f"{d.get('status')}, {len(d.get('moved', {}))} moved |"
         )
+    lines += ["", "**Floor**: the least time any drain of these VMs can take here. CPU: the "
+              "single moves' CPU work (machine-wide CPU-seconds during each move, less the "
+              "background of idle guests, agents and etcd measured over "
+              f"{BACKGROUND_S:.0f} s before them) spread over the CPUs the background leaves; "
+              "link: the drain's bytes through the drained node's one migration link. "
+              "**Best ratio here** = floor / (sum of singles / concurrency): when it is above "
+              "the target, no scheduling can meet the target on this machine. **CPU busy in "
+              "drain**: machine-wide CPU use during the drain."]  # fmt: skip
     for i, r in enumerate(rows):
         if r.get("not_home_after_failback"):
             fb = r["failback"]
@@ -266,8 +335,10 @@ def report(
                       f"{r['drain'].get('failed', {})})."]  # fmt: skip
     if rows:
         lines += ["", "Single moves of the first run:", "",
-                  "| VM | to | wall (s) | job total (s) |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {s['vm']} | {s['to']} | {s['wall_s']:.2f} | {s['job_total_s']} |"
+                  "| VM | to | wall (s) | job total (s) | CPU-s (machine) | MB sent |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {s['vm']} | {s['to']} | {s['wall_s']:.2f} | {s['job_total_s']} | "
+                  f"{num(s.get('cpu_s'), '.2f')} | {num(s.get('bytes', 0) / 1e6 or None)} |"
                   for s in rows[0]["singles"]]  # fmt: skip
         lines += ["", "The drain's moves (first run; seconds after the drain request):", "",
                   "| VM | to | start | end | phases (s) |", "|---|---|---|---|---|"]  # fmt: skip
