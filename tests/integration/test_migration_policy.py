@@ -4,6 +4,8 @@ an agent restart in the middle of a move."""
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from conftest import (
 from vmferry.client import ConflictError, RefusedError
 from vmferry.lab import net
 from vmferry.lab.lab import start_probe
+from vmferry.qemu.sockets import _getfd
 
 pytestmark = needs_lab
 
@@ -256,6 +259,26 @@ def test_source_agent_restart_mid_move(lab: LabHandle) -> None:
         cleanup_vms(lab, "restart1")
 
 
+def _connected_tcp_nodelay(pid: int) -> list[int]:
+    """TCP_NODELAY of every connected TCP socket of process ``pid`` (a QEMU's migration
+    streams: its monitor sockets are Unix sockets)."""
+    values = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:["):
+                    continue
+                with socket.socket(fileno=_getfd(pidfd, int(name))) as s:
+                    if s.family not in (socket.AF_INET, socket.AF_INET6):
+                        continue
+                    s.getpeername()  # connected (a listener raises ENOTCONN)
+                    values.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    finally:
+        os.close(pidfd)
+    return values
+
+
 def test_postcopy_recovers_after_the_link_breaks(lab: LabHandle) -> None:
     """Break the migration connections in the middle of post-copy (the kernel aborts them, as
     when a switch reboots): QEMU pauses both halves, vmferry reconnects with QEMU's post-copy
@@ -278,6 +301,16 @@ def test_postcopy_recovers_after_the_link_breaks(lab: LabHandle) -> None:
             capture_output=True, text=True, timeout=10, check=True,
         )  # fmt: skip
         assert "ESTAB" in killed.stdout, killed.stdout  # the streams were there and are gone
+        with lab.client("h1") as c:
+            wait_for(lambda: "post-copy recovered" in c.migration(job["id"])["escalations"],
+                     120, "post-copy recovery")  # fmt: skip
+        with lab.client("h2") as c:
+            dest_pid = int(c.vm("pcrec")["pid"])
+        # the recovered streams, accepted on the destination's new port, have Nagle off too
+        nodelay = _connected_tcp_nodelay(dest_pid)
+        assert nodelay and all(nodelay), nodelay
+        with lab.client("h1") as c:
+            assert c.migration(job["id"])["phase"] == "postcopy"  # looked at while it copied
         done = wait_job(lab, "h1", job["id"])
         assert done["state"] == "completed", done["error"]
         assert "post-copy recovered" in done["escalations"], done["escalations"]

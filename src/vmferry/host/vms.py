@@ -50,14 +50,9 @@ from vmferry.host.storage import resolve_under_roots
 from vmferry.qemu import DiskDrive, NetTap, QemuConfig, QemuProcess, build_argv, spawn_daemon
 from vmferry.qemu.process import QemuStartError
 from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session, wait_for_socket
+from vmferry.qemu.stream import UNLIMITED_BPS, all_off
 
 log = logging.getLogger("vmferry.host")
-
-#: Raised QEMU's 128 MiB/s default so saving and migrating are not throttled by accident.
-UNLIMITED_BANDWIDTH = 1 << 40
-#: Capabilities a live move may leave on in a QEMU (migration/qemu_ops.py); a save turns them off.
-_MOVE_CAPABILITIES = ("postcopy-preempt", "postcopy-ram", "xbzrle", "multifd", "auto-converge",
-                      "pause-before-switchover")  # fmt: skip
 
 
 class VMState(StrEnum):
@@ -726,13 +721,11 @@ class VMManager:
                     try:
                         with open(tmp, "wb") as fh:
                             await q.execute(
-                                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
+                                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BPS}
                             )
                             # A plain one-pass stream, whatever an earlier (failed) live move
                             # of this QEMU turned on.
-                            await q.execute("migrate-set-capabilities", {"capabilities": [
-                                {"capability": c, "state": False} for c in _MOVE_CAPABILITIES
-                            ]})  # fmt: skip
+                            await q.execute("migrate-set-capabilities", all_off())
                             await q.send_fd(fh.fileno(), "savestate")
                             await q.execute("migrate", {"uri": "fd:savestate"})
                             await _wait_migration(q, timeout=600)

@@ -588,9 +588,7 @@ class IncomingMoves:
                     await inc.oob_session.execute("migrate-recover", uri, oob=True)
                 except QmpError as exc:
                     raise ConflictError(f"destination cannot listen for recovery: {exc}") from exc
-            inc.plan.port = port
-            self._persist(inc)
-            return port
+            return await self._listening_again(inc, port)
         name = inc.req.spec.name
         async with qmp_session(self.vms.qmp_path(name)) as q:
             st = (await q.execute("query-migrate")).get("status")
@@ -607,8 +605,15 @@ class IncomingMoves:
                 raise ConflictError(f"destination migration is {st}, not postcopy-paused")
             port = next(p for p in range(s.port_min, s.port_max) if p not in used)
             await q.execute("migrate-recover", {"uri": f"tcp:{address}:{port}"})
+        return await self._listening_again(inc, port)
+
+    async def _listening_again(self, inc: Incoming, port: int) -> int:
+        """Record the recovery's new port; Nagle off on it, as on the first one (the
+        recovered stream carries the guest's page requests)."""
         inc.plan.port = port
         self._persist(inc)
+        if not inc.req.options.qemu_defaults:
+            await asyncio.to_thread(self._no_delay, inc.req.spec.name, port)
         return port
 
     async def abort(self, job_id: str) -> None:

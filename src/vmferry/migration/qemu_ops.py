@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.qemu.qmp import QmpError, QmpSession
+from vmferry.qemu.stream import UNLIMITED_BPS
 from vmferry.qemu.tls import Endpoint, authz_object, creds_object
-
-#: QEMU's default 128 MiB/s cap would throttle every move; this is "no cap".
-UNLIMITED_BPS = 1 << 40
 
 
 async def set_capabilities(
@@ -27,6 +25,9 @@ async def set_capabilities(
     xbzrle_cache: int | None = None,
 ) -> None:
     """Set the migration capabilities and stream parameters; both ends must agree.
+
+    Every capability turned on here is listed in ``qemu/stream.MOVE_CAPABILITIES`` (a save
+    turns them off again).
 
     ``xbzrle_cache`` (source only): delta-encode re-sent pages against a cache of this many
     bytes (the destination decodes them without being told)."""
