@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,17 @@ def test_a_recycled_pid_is_never_killed(tmp_path: Path, victim: subprocess.Popen
     guard.write_orders(tmp_path, time.monotonic() - 1, wrong)
     assert "fenced []" in guard.run(tmp_path)
     assert victim.poll() is None
+
+
+def test_the_guard_process_loads_no_etcd_client_or_host_layer() -> None:
+    """The guard starts when a node gets its first clustered VM: it must start fast (it loaded
+    the etcd client, requests and pyroute2 through the package before, ~0.5 s of CPU)."""
+    code = (
+        "import sys, vmferry.cluster.guard; "
+        "print(sorted(m for m in ('vmferry.cluster.etcd', 'vmferry.cluster.member', "
+        "'vmferry.host', 'requests', 'pyroute2') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert out.stdout.strip() == "[]", out.stdout

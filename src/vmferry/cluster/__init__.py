@@ -1,7 +1,6 @@
-"""Failover clustering: etcd store, node leases, leader election, self-fencing, shared volumes."""
+"""Failover clustering: etcd store, node leases, leader election, self-fencing, shared volumes.
 
-from vmferry.cluster.etcd import Etcd, EtcdUnavailable
-from vmferry.cluster.member import ClusterMember
-from vmferry.cluster.store import ClusterStore
-
-__all__ = ["ClusterMember", "ClusterStore", "Etcd", "EtcdUnavailable"]
+The package imports nothing itself: the fence guard (``python -m vmferry.cluster.guard``) is a
+separate small process and should not load the etcd client, the host layer and their
+dependencies it never uses (half a second of CPU at every start).
+"""

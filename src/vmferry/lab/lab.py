@@ -300,7 +300,7 @@ class Lab:
         raise RefusedError(f"no lab etcd member {name!r}", field="member")
 
     def etcd_client(self, timeout: float = 2.0) -> Any:
-        """An etcd client (:class:`vmferry.cluster.Etcd`) with the admin certificate."""
+        """An etcd client (:class:`vmferry.cluster.etcd.Etcd`) with the admin certificate."""
         from vmferry.cluster.etcd import Etcd
 
         topo = self.topology()
