@@ -11,7 +11,6 @@ every disk it has open).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from vmferry.errors import ConflictError, HostError
+from vmferry.fsio import replace_file
 
 OWNER_FILE = "owner.json"
 
@@ -57,9 +57,7 @@ def read_owner(storage_dir: Path) -> OwnerRecord | None:
 
 def write_owner(storage_dir: Path, record: OwnerRecord) -> None:
     """Write the owner record atomically."""
-    tmp = storage_dir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(record.model_dump_json(indent=2))
-    os.replace(tmp, storage_dir / OWNER_FILE)
+    replace_file(storage_dir / OWNER_FILE, record.model_dump_json(indent=2).encode(), 0o644)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vmferry.fsio import replace_file
+
 Endpoint = Literal["server", "client"]
 
 #: QEMU's file names inside the credentials directory.
@@ -45,14 +47,8 @@ class X509Files:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically with ``data``, created with ``mode`` (never wider)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Replace ``path`` atomically with ``data`` (two moves may prepare the directory at once)."""
+    replace_file(path, data, mode)
 
 
 def prepare_creds_dir(files: X509Files, directory: Path) -> Path:

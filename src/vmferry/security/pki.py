@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
+from vmferry.fsio import replace_file
 from vmferry.security.roles import Role, RoleError, role_from_uris, role_uri
 from vmferry.security.tickets import parse_delegation
 
@@ -57,12 +58,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    replace_file(path, data, 0o644, sync=True)
 
 
 def serial_hex(serial: int) -> str:
