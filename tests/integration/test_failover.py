@@ -225,6 +225,45 @@ def test_a_dead_nodes_clustered_vm_runs_again_on_the_other_node_once(lab: LabHan
         _forget_everywhere(lab, "ha-fo", "h1")
 
 
+@pytest.mark.slow
+def test_a_clustered_vm_the_admin_stopped_stays_off_through_a_failover(lab: LabHandle) -> None:
+    """``ferry vm stop`` of a clustered VM is recorded: when its node dies, the VM is given to
+    the other node and registered there, off; ``ferry vm start`` there runs it again."""
+    ip, vm = _shared_vm(lab, "h2", "ha-off")
+    try:
+        with ha_cluster(lab, "hoff") as etcd:
+            store = ClusterVMStore(etcd)
+            with lab.client("h2") as c:
+                c.cluster_vm_add("ha-off")
+            r = ferry("--host", "h2", "vm", "stop", "ha-off")
+            assert r.returncode == 0, r.stderr
+            rec = store.vm_record("hoff", "ha-off")
+            assert rec is not None and rec[0].keep_off and rec[0].node == "h2"
+            assert _qemus_of(vm["uuid"]) == []
+            lab.lab.kill_agent("h2")  # h2 dies (its VM was already off)
+
+            def rehomed() -> bool:
+                got = store.vm_record("hoff", "ha-off")
+                return got is not None and got[0].node == "h1" and not got[0].restart_pending
+
+            wait_for(rehomed, 60, "ha-off given to h1")
+            with lab.client("h1") as c:
+                assert c.vm("ha-off")["state"] == "off"  # registered there, not started
+                evs = [(e["kind"], e["node"]) for e in c.cluster_events() if e["vm"] == "ha-off"]
+            assert ("rehomed", "h1") in evs and ("restarted", "h1") not in evs
+            time.sleep(2)  # later controller passes leave it off
+            assert _qemus_of(vm["uuid"]) == []
+            r = ferry("--host", "h1", "vm", "start", "ha-off")
+            assert r.returncode == 0, r.stderr
+            lab.wait_guest(ip, 60)
+            rec = store.vm_record("hoff", "ha-off")
+            assert rec is not None and not rec[0].keep_off  # failover starts it again from now
+    finally:
+        if lab.lab.agent_pid("h2") is None:
+            lab.lab.start_agent("h2")
+        _forget_everywhere(lab, "ha-off", "h1")
+
+
 def _hosts_of(lab: LabHandle, pids: list[int]) -> set[str]:
     """The lab hosts (network namespaces) the processes ``pids`` run in.
 

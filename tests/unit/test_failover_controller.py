@@ -195,6 +195,36 @@ def test_a_pass_restarts_the_dead_nodes_vms_and_reports_what_it_cannot(etcd_url:
         etcd.close()
 
 
+def test_a_vm_the_admin_stopped_is_given_a_node_but_not_started(etcd_url: str) -> None:
+    etcd, lease = _setup(etcd_url, "off", [_vm("kept", "n1", keep_off=True)], alive=["n2", "n3"])
+    store = ClusterVMStore(etcd)
+    agents = FakeAgents({"n1": 0, "n2": 2000, "n3": 4000})
+    ctl = _controller(etcd_url, "off", agents)
+    try:
+
+        async def run() -> None:
+            for _ in range(2):  # a later pass does not start it either
+                await ctl.run_once()
+                await _settle(ctl)
+
+        asyncio.run(run())
+        rec = store.vm_record("off", "kept")
+        assert rec is not None and rec[0].node == "n3" and not rec[0].restart_pending
+        assert rec[0].keep_off
+        assert agents.calls == [("import", "n3", "kept")]  # registered there, not started
+        assert agents.vms["n3"]["kept"]["state"] == "off"
+        kinds = _kinds(store.events("off"))
+        assert kinds == [("failover", "kept", "n3"), ("rehomed", "kept", "n3")]
+        ev = next(e for e in store.events("off") if e.kind == "rehomed")
+        assert "kept off" in ev.reason
+    finally:
+        etcd.revoke(lease)
+        for v in store.clustered_vms("off"):
+            store.remove_clustered_vm("off", v.name)
+        store.destroy("off")
+        etcd.close()
+
+
 def test_no_failover_while_the_old_owner_holds_its_lease_or_we_lost_the_lead(etcd_url: str) -> None:
     etcd, lease = _setup(etcd_url, "safe", [_vm("db", "n1")], alive=["n2", "n3"])
     store = ClusterVMStore(etcd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from vmferry.api.security import install_security
 from vmferry.errors import FerryError, HostError, RefusedError
 from vmferry.host import Host, HostSettings, HostSettingsUpdate, VMCreate, VMInfo
 from vmferry.host.events import Event, Level
+from vmferry.host.vms import VMState
 from vmferry.migration.engine import Moves, job_json
 from vmferry.migration.incoming import IncomingMoves
 from vmferry.migration.model import (
@@ -42,6 +44,12 @@ from vmferry.qemu.tls import X509Files
 log = logging.getLogger("vmferry.api")
 
 VM_ACTIONS = ("start", "stop", "shutdown", "pause", "resume", "save", "restore")
+
+
+#: What an action says about whether the admin wants the VM running (None: nothing).
+_WANTED: dict[str, bool] = {
+    "start": True, "restore": True, "stop": False, "shutdown": False, "save": False,
+}  # fmt: skip
 
 
 class VMAction(BaseModel):
@@ -213,10 +221,8 @@ def create_app(
         return Response(status_code=204)
 
     @app.post("/v1/vms/{name}/actions")
-    async def vm_action(name: str, act: VMAction) -> VMInfo:
+    async def vm_action(name: str, act: VMAction, request: Request) -> VMInfo:
         vms = host.vms
-        if act.action == "shutdown":
-            return await vms.shutdown(name, act.timeout)
         handlers = {
             "start": vms.start,
             "stop": vms.stop,
@@ -225,7 +231,27 @@ def create_app(
             "save": vms.save,
             "restore": vms.restore,
         }
-        return await handlers[act.action](name)
+        # A clustered VM the admin turns off stays off through a failover (cluster/vms.py):
+        # recorded before the action, undone if the action fails.
+        wanted = _WANTED.get(act.action)
+        cvms = app.state.cluster_vms
+        before = None
+        if wanted is not None:
+            before = await cvms.record_wanted(
+                name, wanted, getattr(request.state, "identity", None)
+            )
+        try:
+            if act.action == "shutdown":
+                return await vms.shutdown(name, act.timeout)
+            return await handlers[act.action](name)
+        except BaseException:
+            # undone unless the VM is in the wanted state anyway (a stop of a VM already off)
+            if wanted is not None and before is not None and before != (not wanted):
+                with contextlib.suppress(FerryError):
+                    off = vms.info(name).state in (VMState.OFF, VMState.SAVED, VMState.CRASHED)
+                    if off == wanted:
+                        await cvms.record_wanted(name, not wanted, None)
+            raise
 
     # -- moves (source side) -----------------------------------------------------------------
     @app.post("/v1/vms/{name}/move", status_code=202)

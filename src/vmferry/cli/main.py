@@ -1182,7 +1182,8 @@ def _cvm_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         t.add_row(
             r["name"] + (" (restarting)" if r.get("restart_pending") else "")
-            + (f" (moving to {r['moving_to']})" if r.get("moving_to") else ""),
+            + (f" (moving to {r['moving_to']})" if r.get("moving_to") else "")
+            + (" (kept off)" if r.get("keep_off") else ""),
             r["node"], r.get("owner_lease", "-"), r["priority"],
             ",".join(r["preferred"]) or "-", ",".join(r["possible"]) or "any",
             r.get("anti_affinity") or "-",

@@ -12,8 +12,9 @@ such a node owned:
    no lease, the VM record is unchanged and this node still holds the leader key — with
    ``restart_pending`` set;
 4. the new node's agent imports the VM's configuration from the shared volume (``vm import``,
-   which also refuses while any QEMU holds the VM's disks) and starts it; then
-   ``restart_pending`` is cleared. At most ``cluster.failover_concurrency`` restarts run at once.
+   which also refuses while any QEMU holds the VM's disks) and starts it — unless the admin had
+   stopped it (``keep_off``: it stays off there); then ``restart_pending`` is cleared. At most
+   ``cluster.failover_concurrency`` restarts run at once.
 
 A VM that cannot be placed stays owned by the dead node and is reported (event + controller
 report) and placed on a later pass once a node has room; a failed restart stays pending on its
@@ -435,11 +436,23 @@ class Controller:
                     "decided_to_started_s": round(started - decided_at, 3),
                     **steps,
                 }  # fmt: skip
-                ev = ClusterEvent(kind="restarted", vm=vm.name, node=vm.node,
-                                  by=self.member.node, timings=timings,
-                                  reason=f"imported from {vm.storage_dir} and started")  # fmt: skip
+                if vm.keep_off:
+                    ev = ClusterEvent(kind="rehomed", vm=vm.name, node=vm.node,
+                                      by=self.member.node, timings=timings,
+                                      reason=f"imported from {vm.storage_dir}; kept off: the "
+                                      "admin had stopped it")  # fmt: skip
+                else:
+                    ev = ClusterEvent(
+                        kind="restarted",
+                        vm=vm.name,
+                        node=vm.node,
+                        by=self.member.node,
+                        timings=timings,
+                        reason=f"imported from {vm.storage_dir} and started",
+                    )
                 await self._event(store, cluster, ev)
-                log.warning("failover: %s runs on %s", vm.name, vm.node)
+                log.warning("failover: %s %s on %s", vm.name,
+                            "is kept off" if vm.keep_off else "runs", vm.node)  # fmt: skip
         except EtcdUnavailable as exc:
             log.error("failover of %s: etcd unavailable: %s", vm.name, exc)
             self.retry_at[vm.name] = time.monotonic() + RETRY_S
@@ -447,8 +460,8 @@ class Controller:
             self.in_flight.discard(vm.name)
 
     async def _import_and_start(self, vm: ClusteredVM, url: str) -> dict[str, float]:
-        """Import the VM on the node at ``url`` (unless it has it) and start it (unless it runs);
-        the seconds each step took."""
+        """Import the VM on the node at ``url`` (unless it has it) and start it (unless it runs,
+        or the admin had stopped it: ``keep_off``); the seconds each step took."""
         steps: dict[str, float] = {}
         t0 = time.monotonic()
         have = await self.calls.vm(url, vm.name)
@@ -462,7 +475,7 @@ class Controller:
             have = await self.calls.import_vm(url, vm.storage_dir)
         t1 = time.monotonic()
         steps["import_s"] = round(t1 - t0, 3)
-        if have.get("state") not in ("running", "starting"):
+        if not vm.keep_off and have.get("state") not in ("running", "starting"):
             await self.calls.start_vm(url, vm.name)
         steps["start_s"] = round(time.monotonic() - t1, 3)
         return steps

@@ -125,6 +125,9 @@ class ClusteredVM(BaseModel):
     #: asks this node first (cluster/planned.py).
     moving_to: str | None = None
     move_job: str | None = None
+    #: The admin stopped, shut down or saved the VM through ferry: failover gives it to a new
+    #: node without starting it there. A start or restore through ferry clears it.
+    keep_off: bool = False
 
 
 def holds(vm: ClusteredVM, node: str) -> bool:
@@ -511,9 +514,9 @@ class ClusterStore:
 class ClusterEvent(BaseModel):
     """One thing the cluster did (or could not do) to a clustered VM: ``cluster status`` shows them.
 
-    ``kind``: added | removed | changed | failover | restarted | restart-failed | unplaced |
-    skipped. ``timings`` holds the failover's measured times in seconds (detection window,
-    decision, restart).
+    ``kind``: added | removed | changed | failover | restarted | rehomed (kept off) |
+    restart-failed | unplaced | skipped. ``timings`` holds the failover's measured times in
+    seconds (detection window, decision, restart).
     """
 
     at: float = Field(default_factory=time.time)

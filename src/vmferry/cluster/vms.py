@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from vmferry.errors import ConflictError, FerryError, HostError, NotFoundError, 
 from vmferry.host.settings import HostSettings
 from vmferry.host.vms import VMManager
 from vmferry.validation import MAX_ITEMS, ShortText
+
+log = logging.getLogger(__name__)
 
 
 class VMProperties(BaseModel):
@@ -223,6 +226,37 @@ class ClusterVMs:
             return await asyncio.to_thread(store.vm_record, cluster, name) is not None
         except EtcdUnavailable:
             return name in self.member.clustered
+
+    async def record_wanted(self, name: str, running: bool, by: str | None) -> bool | None:
+        """Record whether the admin wants clustered VM ``name`` running (start, restore) or off
+        (stop, shutdown, save): failover keeps an unwanted VM off. Returns the VM's previous
+        ``keep_off`` (to undo it if the action fails); None when the VM is not clustered here,
+        or etcd does not answer (logged: the action goes on, and failover would treat the VM
+        as before)."""
+        cluster = self.member.cluster
+        if cluster is None:
+            return None
+        try:
+            store = self._store()
+            for _ in range(5):  # another writer (the member, the controller) may race us
+                got = await asyncio.to_thread(store.vm_record, cluster, name)
+                if got is None:
+                    return None
+                vm, rev = got
+                if vm.keep_off == (not running):
+                    return vm.keep_off
+                new = vm.model_copy(update={"keep_off": not running})
+                if await asyncio.to_thread(store.update_vm, cluster, new, rev):
+                    why = ("stopped by the admin: failover keeps it off" if new.keep_off
+                           else "started by the admin: failover starts it")  # fmt: skip
+                    await self._event(store, cluster, "changed", new, by, why)
+                    return vm.keep_off
+        except EtcdUnavailable as exc:
+            log.warning("VM %s: cannot record in etcd that it should %s (%s); failover treats "
+                        "it as before", name, "run" if running else "stay off", exc)  # fmt: skip
+            return None
+        log.warning("VM %s: its cluster record kept changing; keep_off not recorded", name)
+        return None
 
     async def planned_move(self, name: str) -> tuple[str, str | None] | None:
         """(owner node, node it is moving to) of clustered VM ``name``; None when it is not
