@@ -272,6 +272,29 @@ async def _until(cond: Any, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def test_a_second_fence_before_etcd_heard_of_the_first_keeps_what_the_first_stopped(
+    tmp_path: Path,
+) -> None:
+    """The watchdog fences a cut-off node; a renewal that was waiting then finds the lease
+    expired and fences again (nothing is left running): the record etcd gets once the node is
+    back still names the VM the first fence stopped."""
+    vms = FakeVMs({"vm1"})
+    member = _member(tmp_path, "https://127.0.0.1:1", vms)
+    member.cluster, member.clustered = "c1", ["vm1"]
+
+    async def twice() -> None:
+        assert await member.fence("no lease renewal for 3.1 s") == ["vm1"]
+        first_at = member.fenced_at
+        assert await member.fence("the lease had expired") == ["vm1"]
+        assert member.fenced_at == first_at
+
+    asyncio.run(twice())
+    assert member.fenced_vms == ["vm1"]
+    rec = member.fence_pending
+    assert rec is not None and rec.vms == ["vm1"]
+    assert rec.reason == "no lease renewal for 3.1 s; then the lease had expired"
+
+
 def test_member_holds_lease_leads_and_fences_when_etcd_goes(
     tmp_path: Path, etcd_server: LoopbackEtcd
 ) -> None:

@@ -216,12 +216,15 @@ class ClusterMember:
             return
         store = ClusterStore(etcd)
         if self.lease:  # renew first: it is what keeps the VMs allowed to run
+            lease = self.lease
             try:
-                ttl = await asyncio.to_thread(etcd.keepalive, self.lease, RENEW_BUDGET_S)
+                ttl = await asyncio.to_thread(etcd.keepalive, lease, RENEW_BUDGET_S)
             except EtcdUnavailable:
                 self.renewals_failed += 1
                 raise
-            if ttl > 0:
+            if lease != self.lease:
+                pass  # the watchdog fenced and gave this lease up while the renewal waited
+            elif ttl > 0:
                 self.renewals_ok += 1
                 self.last_ok, self.last_ok_wall = t_send, time.time()
             else:
@@ -350,7 +353,11 @@ class ClusterMember:
                 stopped.append(name)
             except Exception as exc:  # fence the others whatever happens to one
                 log.error("cluster: fencing VM %s failed: %s", name, exc)
-        self.fenced_at = time.time()
+        earlier = self.fence_pending  # a fence etcd has not heard of yet (still cut off)
+        if earlier is not None:  # one record of both: what the first stopped stays in it
+            stopped = sorted(set(earlier.vms) | set(stopped))
+            reason = f"{earlier.reason}; then {reason}"
+        self.fenced_at = earlier.at if earlier is not None else time.time()
         self.fenced_vms = stopped
         self.fences += 1
         if guard.running_guard(self.state_dir) is not None:
