@@ -163,6 +163,7 @@ class Controller:
         self.last_pass: dict[str, Any] = {}
         self._wake = asyncio.Event()
         self._alive_seen: set[str] | None = None
+        self._pass_revision = 0  # the store revision the last pass read
         self.drains = Drains(lambda: member.node, calls,
                              lambda: self._settings().cluster.drain_concurrency)  # fmt: skip
 
@@ -218,8 +219,9 @@ class Controller:
 
     async def _wait_next(self, until: float) -> None:
         """Sleep until ``until``, a wake-up, or — on the leader — a change of the alive nodes
-        (checked every ``ALIVE_CHECK_S`` with a keys-only read): a lost lease is acted on
-        within ``ALIVE_CHECK_S`` rather than a whole ``TICK``."""
+        or of a node record (checked every ``ALIVE_CHECK_S`` with keys-only reads): a lost
+        lease is acted on within ``ALIVE_CHECK_S`` rather than a whole ``TICK``, and so is a
+        drain or resume asked of another node's agent."""
         while (left := until - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(left, ALIVE_CHECK_S))
@@ -228,10 +230,12 @@ class Controller:
             if not self._is_leader() or cluster is None or self._alive_seen is None:
                 continue
             try:
-                alive = await asyncio.to_thread(self._store().alive_nodes, cluster)
+                alive, nodes_changed = await asyncio.to_thread(
+                    self._store().leader_check, cluster, self._pass_revision
+                )
             except (EtcdUnavailable, FerryError):
                 return  # the full pass reports it
-            if alive != self._alive_seen:
+            if alive != self._alive_seen or nodes_changed:
                 return
 
     # -- one pass -------------------------------------------------------------------------------
@@ -245,7 +249,7 @@ class Controller:
         if state.leader is None or state.leader.node != self.member.node or leader_rev is None:
             return None
         now = time.time()
-        self._alive_seen = set(state.alive)
+        self._alive_seen, self._pass_revision = set(state.alive), state.revision
         for n in state.nodes:
             if n in state.alive:
                 self.last_seen_alive[n] = now

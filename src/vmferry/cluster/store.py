@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field
 
-from vmferry.cluster.etcd import KV, Etcd, Txn, _b64, _kv, prefix_end
+from vmferry.cluster.etcd import KV, Etcd, EtcdUnavailable, Txn, _b64, _kv, prefix_end
 from vmferry.cluster.placement import Priority
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
 
@@ -242,14 +242,25 @@ class ClusterStore:
         kvs = [_kv(i) for i in data.get("kvs") or []]
         return _state(keys, kvs, revision)
 
-    def alive_nodes(self, cluster: str) -> set[str]:
-        """The nodes whose lease is alive (one keys-only read: cheap enough to ask often)."""
-        prefix = Keys(check_cluster_name(cluster)).alive("")
-        data = self.etcd._post(
-            "/kv/range",
-            {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "keys_only": True},
-        )
-        return {_kv(i).key[len(prefix) :] for i in data.get("kvs") or []}
+    def leader_check(self, cluster: str, since_revision: int) -> tuple[set[str], bool]:
+        """The nodes whose lease is alive, and whether any node record (a pause, drain,
+        failback, join or leave) was written after store revision ``since_revision``: one
+        transaction of two keys-only reads, cheap enough for the leader to ask every 0.2 s."""
+        keys = Keys(check_cluster_name(cluster))
+        alive, nodes = keys.alive(""), keys.node("")
+        txn = Txn()
+        txn.success.append({"request_range": {
+            "key": _b64(alive), "range_end": _b64(prefix_end(alive)), "keys_only": True,
+        }})  # fmt: skip
+        txn.success.append({"request_range": {
+            "key": _b64(nodes), "range_end": _b64(prefix_end(nodes)), "keys_only": True,
+            "min_mod_revision": str(since_revision + 1),
+        }})  # fmt: skip
+        res = self.etcd._post("/kv/txn", txn.body())
+        out = [(r.get("response_range") or {}).get("kvs") or [] for r in res.get("responses") or []]
+        if len(out) != 2:
+            raise EtcdUnavailable(f"etcd answered a two-range transaction with {len(out)}")
+        return {_kv(i).key[len(alive) :] for i in out[0]}, bool(out[1])
 
     def exists(self, cluster: str) -> bool:
         """True when the cluster exists."""
