@@ -122,6 +122,16 @@ def _setup(url: str, name: str, vms: list[ClusteredVM], alive: list[str]) -> tup
     return etcd, lease
 
 
+def _teardown(etcd: Etcd, lease: int, name: str) -> None:
+    """Undo :func:`_setup`: the lease, the clustered VMs, the cluster."""
+    store = ClusterVMStore(etcd)
+    etcd.revoke(lease)
+    for v in store.clustered_vms(name):
+        store.remove_clustered_vm(name, v.name)
+    store.destroy(name)
+    etcd.close()
+
+
 def _controller(url: str, cluster: str, agents: FakeAgents) -> Controller:
     member = SimpleNamespace(cluster=cluster, lease=1, leader="n2", node="n2")
     settings = HostSettings.model_validate(
@@ -188,11 +198,7 @@ def test_a_pass_restarts_the_dead_nodes_vms_and_reports_what_it_cannot(etcd_url:
         assert ("start", "n3", "huge") in agents.calls
         assert store.report("fo").unplaced == {}  # type: ignore[union-attr]
     finally:
-        etcd.revoke(lease)
-        for v in store.clustered_vms("fo"):
-            store.remove_clustered_vm("fo", v.name)
-        store.destroy("fo")
-        etcd.close()
+        _teardown(etcd, lease, "fo")
 
 
 def test_a_vm_the_admin_stopped_is_given_a_node_but_not_started(etcd_url: str) -> None:
@@ -218,11 +224,7 @@ def test_a_vm_the_admin_stopped_is_given_a_node_but_not_started(etcd_url: str) -
         ev = next(e for e in store.events("off") if e.kind == "rehomed")
         assert "kept off" in ev.reason
     finally:
-        etcd.revoke(lease)
-        for v in store.clustered_vms("off"):
-            store.remove_clustered_vm("off", v.name)
-        store.destroy("off")
-        etcd.close()
+        _teardown(etcd, lease, "off")
 
 
 def test_no_failover_while_the_old_owner_holds_its_lease_or_we_lost_the_lead(etcd_url: str) -> None:
@@ -250,10 +252,7 @@ def test_no_failover_while_the_old_owner_holds_its_lease_or_we_lost_the_lead(etc
         assert ctl._is_leader() is False
         assert agents.calls == []
     finally:
-        etcd.revoke(lease)
-        store.remove_clustered_vm("safe", "db")
-        store.destroy("safe")
-        etcd.close()
+        _teardown(etcd, lease, "safe")
 
 
 def test_a_failed_restart_stays_pending_and_is_retried(etcd_url: str) -> None:
@@ -283,10 +282,7 @@ def test_a_failed_restart_stays_pending_and_is_retried(etcd_url: str) -> None:
         assert rec.node == "n3" and not rec.restart_pending
         assert agents.vms["n3"]["app"]["state"] == "running"
     finally:
-        etcd.revoke(lease)
-        store.remove_clustered_vm("retry", "app")
-        store.destroy("retry")
-        etcd.close()
+        _teardown(etcd, lease, "retry")
 
 
 def test_the_leaders_cheap_check_sees_a_node_record_written_after_its_pass(etcd_url: str) -> None:
@@ -306,11 +302,7 @@ def test_the_leaders_cheap_check_sees_a_node_record_written_after_its_pass(etcd_
         assert store.leader_check("chk", state.revision)[1]
         assert not store.leader_check("chk", store.load("chk").revision)[1]
     finally:
-        etcd.revoke(lease)
-        for v in store.clustered_vms("chk"):
-            store.remove_clustered_vm("chk", v.name)
-        store.destroy("chk")
-        etcd.close()
+        _teardown(etcd, lease, "chk")
 
 
 def test_reassign_many_records_in_batches_and_one_changed_record_holds_back_no_other(
@@ -342,8 +334,4 @@ def test_reassign_many_records_in_batches_and_one_changed_record_holds_back_no_o
         assert store.reassign_many("batch", late, leader_rev + 1000) == []
         assert store.reassign_many("batch", late, leader_rev) == ["v3"]
     finally:
-        etcd.revoke(lease)
-        for v in store.clustered_vms("batch"):
-            store.remove_clustered_vm("batch", v.name)
-        store.destroy("batch")
-        etcd.close()
+        _teardown(etcd, lease, "batch")

@@ -8,10 +8,17 @@ import asyncio
 from typing import Any
 
 import pytest
-from test_failover_controller import FakeAgents, _controller, _settle, _setup, _state, _vm
+from test_failover_controller import (
+    FakeAgents,
+    _controller,
+    _settle,
+    _setup,
+    _state,
+    _teardown,
+    _vm,
+)
 
 from vmferry.cluster.controller import rooms
-from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.planned import ClusterMoves, OwnerMoves, move_rooms
 from vmferry.cluster.store import ClusterVMStore
 from vmferry.errors import ConflictError, NotFoundError, RefusedError
@@ -302,15 +309,6 @@ def test_owner_watcher_records_outcomes_and_survives_a_restart(etcd_url: str) ->
         assert {("moved", "ok"), ("move-failed", "bad")} <= kinds
     finally:
         _teardown(etcd, lease, "ow")
-
-
-def _teardown(etcd: Etcd, lease: int, name: str) -> None:
-    store = ClusterVMStore(etcd)
-    etcd.revoke(lease)
-    for v in store.clustered_vms(name):
-        store.remove_clustered_vm(name, v.name)
-    store.destroy(name)
-    etcd.close()
 
 
 def test_resume_during_a_drain_cancels_the_moves_still_queued(etcd_url: str) -> None:
