@@ -12,14 +12,17 @@ defaults to 5 for boot, 3 for quick and 1 for migrate and storage; see :mod:`ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from vmferry.lab import Lab
@@ -96,58 +99,63 @@ def _report(name: str, rows: list[dict[str, float]], command: str) -> None:
     print(f"wrote {RESULTS / name}.md and .json")
 
 
-def run_boot(runs: int, command: str) -> None:
-    """The boot and save/restore benchmark on a 1-host lab."""
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    """A scratch directory for one benchmark's lab and client config, removed when the
+    benchmark ends normally (a failed one keeps its lab records for ``ferry lab down``)."""
     base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    lab = Lab(base / "lab")
-    try:
-        lab.up(1)
-        rows = boot_and_save(lab, max(1, min(runs, 50)))
-    finally:
-        lab.down()
-    _report("boot", rows, command)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_boot(runs: int, command: str) -> None:
+    """The boot and save/restore benchmark on a 1-host lab."""
+    with _workdir() as base:
+        lab = Lab(base / "lab")
+        try:
+            lab.up(1)
+            rows = boot_and_save(lab, max(1, min(runs, 50)))
+        finally:
+            lab.down()
+        _report("boot", rows, command)
 
 
 def run_migrate(runs: int, budget: float, scenarios: list[str] | None, command: str) -> None:
     """The live-migration benchmark on a 2-host 1 Gbit/s lab."""
     from bench import migrate
 
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    runs = max(1, min(runs, 20))
-    rows = migrate.run_all(base / "lab", runs, budget, scenarios)
-    migrate.report(rows, command, budget, runs)
+    with _workdir() as base:
+        runs = max(1, min(runs, 20))
+        rows = migrate.run_all(base / "lab", runs, budget, scenarios)
+        migrate.report(rows, command, budget, runs)
 
 
 def run_storage(runs: int, command: str) -> None:
     """The storage-move benchmark on a 1-host lab."""
     from bench import storage
 
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    rows = storage.run_all(base / "lab", max(1, min(runs, 20)))
-    storage.report(rows, command)
+    with _workdir() as base:
+        rows = storage.run_all(base / "lab", max(1, min(runs, 20)))
+        storage.report(rows, command)
 
 
 def run_quick(runs: int, command: str) -> None:
     """The quick-migration benchmark on a 2-host lab with a shared volume."""
     from bench import quick
 
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    runs = max(1, min(runs, 20))
-    quick.report(quick.run_all(base / "lab", runs), command, runs)
+    with _workdir() as base:
+        runs = max(1, min(runs, 20))
+        quick.report(quick.run_all(base / "lab", runs), command, runs)
 
 
 def run_tls(runs: int, command: str) -> None:
     """The cost of encryption: moves with and without TLS on a 2-host lab (bench.tls)."""
     from bench import tls
 
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    runs = max(1, min(runs, 10))
-    tls.report(tls.run_all(base / "lab", runs), command, runs)
+    with _workdir() as base:
+        runs = max(1, min(runs, 10))
+        tls.report(tls.run_all(base / "lab", runs), command, runs)
 
 
 def run_cluster_place(runs: int, command: str) -> None:
@@ -161,10 +169,9 @@ def run_failover(runs: int, ttls: str | None, command: str) -> None:
     """Failover of a killed node's clustered VMs on a 3-host lab (see :mod:`bench.failover`)."""
     from bench import failover
 
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    rows = failover.run_all(base / "lab", max(1, min(runs, 10)), failover.parse_ttls(ttls))
-    failover.report(rows, command, failover.DEFAULT_VMS)
+    with _workdir() as base:
+        rows = failover.run_all(base / "lab", max(1, min(runs, 10)), failover.parse_ttls(ttls))
+        failover.report(rows, command, failover.DEFAULT_VMS)
 
 
 def run_drain(runs: int, concurrency: int | None, link: str, command: str) -> None:
@@ -179,10 +186,9 @@ def run_drain(runs: int, concurrency: int | None, link: str, command: str) -> No
     rate = None if link == "none" else link
     name = "drain" + (f"_concurrency{concurrency}" if concurrency else "")
     name += "" if link == LINK_RATE else f"_link-{link}"
-    base = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
-    os.environ["FERRY_CONFIG"] = str(base / "client.json")
-    rows = drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency, rate)
-    drain.report(rows, command, name, rate)
+    with _workdir() as base:
+        rows = drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency, rate)
+        drain.report(rows, command, name, rate)
 
 
 def run_cluster_scale(command: str) -> None:

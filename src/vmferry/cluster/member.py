@@ -241,7 +241,7 @@ class ClusterMember:
                 self.lease = 0
             self.cluster = cluster
             self._vms_rev = 0
-            self.fenced_at, self.fenced_vms = None, []
+            self.fenced_at, self.fenced_vms, self.fence_pending = None, [], None
             self._persist()
         if cluster is None:
             if self.lease:

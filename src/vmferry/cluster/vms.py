@@ -230,9 +230,9 @@ class ClusterVMs:
     async def record_wanted(self, name: str, running: bool, by: str | None) -> bool | None:
         """Record whether the admin wants clustered VM ``name`` running (start, restore) or off
         (stop, shutdown, save): failover keeps an unwanted VM off. Returns the VM's previous
-        ``keep_off`` (to undo it if the action fails); None when the VM is not clustered here,
-        or etcd does not answer (logged: the action goes on, and failover would treat the VM
-        as before)."""
+        ``keep_off`` (to undo it if the action fails); None when the VM is not a clustered VM
+        this node owns, or etcd does not answer (logged: the action goes on, and failover
+        treats the VM as before)."""
         cluster = self.member.cluster
         if cluster is None:
             return None
@@ -240,8 +240,8 @@ class ClusterVMs:
             store = self._store()
             for _ in range(5):  # another writer (the member, the controller) may race us
                 got = await asyncio.to_thread(store.vm_record, cluster, name)
-                if got is None:
-                    return None
+                if got is None or got[0].node != self.member.node:
+                    return None  # not clustered, or not this node's to say
                 vm, rev = got
                 if vm.keep_off == (not running):
                     return vm.keep_off
