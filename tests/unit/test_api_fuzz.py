@@ -40,6 +40,7 @@ from vmferry.host import Host
 from vmferry.host import network as host_network
 from vmferry.host import vms as host_vms
 from vmferry.host.settings import SwitchSpec
+from vmferry.host.vms import VMState
 
 KNOWN_VM = "vm1"
 CALL_TIMEOUT_S = 20.0
@@ -107,6 +108,13 @@ AUDIT_DIR = Path("state") / "audit"
 EVENT_LOG = "events.db"
 
 
+#: VM states an earlier request's background job passes through.
+BUSY_STATES = frozenset({
+    VMState.STARTING, VMState.SHUTTING_DOWN, VMState.STOPPING, VMState.SAVING,
+    VMState.RESTORING, VMState.MIGRATING,
+})  # fmt: skip
+
+
 def _snapshot(root: Path) -> dict[str, str]:
     """Every file and directory under ``root`` with a digest of its content (not the audit log)."""
     out: dict[str, str] = {}
@@ -140,8 +148,18 @@ class FuzzEnv:
     calls: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
 
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until no VM is in the middle of something an earlier accepted request
+        started (a move answered 202 goes on in the background and ends in its own time)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(v.state in BUSY_STATES for v in self.host.vms.list()):
+                return
+            time.sleep(0.05)
+
     def reset(self) -> None:
-        """Back to the baseline: settings as at the start, the known VM present."""
+        """Back to the baseline: settings as at the start, the known VM present, no VM busy."""
+        self.settle()
         self.host.settings = self.baseline_settings
         self.host.store.save(self.baseline_settings)
         if KNOWN_VM not in {v.name for v in self.host.vms.list()}:
