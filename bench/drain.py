@@ -65,7 +65,7 @@ def resource_floor(
     Link: every move of the drain leaves the drained node through its one migration link, so
     the drain's bytes take at least bytes / rate. Both are lower bounds (perfect overlap, no
     per-move latency); the larger one is the floor.
-    """  # fmt: skip
+    """
     work = sum(max(0.0, s["cpu_s"] - background_cpus * s["wall_s"]) for s in singles)
     spare = cpus - background_cpus
     cpu_floor = work / spare if spare > 0 else None

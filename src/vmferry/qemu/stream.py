@@ -17,6 +17,6 @@ MOVE_CAPABILITIES = (
 )
 
 
-def all_off(names: tuple[str, ...] = MOVE_CAPABILITIES) -> dict[str, list[dict[str, object]]]:
-    """The ``migrate-set-capabilities`` arguments that turn ``names`` off."""
-    return {"capabilities": [{"capability": c, "state": False} for c in names]}
+def all_off() -> dict[str, list[dict[str, object]]]:
+    """The ``migrate-set-capabilities`` arguments that turn every move capability off."""
+    return {"capabilities": [{"capability": c, "state": False} for c in MOVE_CAPABILITIES]}

@@ -46,27 +46,23 @@ class X509Files:
     ca: Path
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically with ``data`` (two moves may prepare the directory at once)."""
-    replace_file(path, data, mode)
-
-
 def prepare_creds_dir(files: X509Files, directory: Path) -> Path:
     """Copy the host's PEM files into ``directory`` under QEMU's names (plus fixed DH
     parameters); return the directory.
 
     Called before each move, so a renewed certificate is used by the next move without
-    restarting any VM. Keys are written mode 0600 in a 0700 directory.
+    restarting any VM. Keys are written mode 0600 in a 0700 directory; each file is replaced
+    atomically (two moves may prepare the directory at once).
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     cert, key, ca = files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes()
-    _write(directory / CA_FILE, ca, 0o644)
-    _write(directory / DH_FILE, FFDHE2048_PEM, 0o644)
+    replace_file(directory / CA_FILE, ca, 0o644)
+    replace_file(directory / DH_FILE, FFDHE2048_PEM, 0o644)
     for name in CERT_FILES:
-        _write(directory / name, cert, 0o644)
+        replace_file(directory / name, cert, 0o644)
     for name in KEY_FILES:
-        _write(directory / name, key, 0o600)
+        replace_file(directory / name, key, 0o600)
     return directory
 
 
