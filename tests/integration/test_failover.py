@@ -3,6 +3,7 @@ real QEMU guests on the lab's shared volume."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,7 +20,9 @@ from conftest import LabHandle, needs_lab, wait_for
 from vmferry.client import FerryError, NotFoundError, RefusedError
 from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.store import ClusterVMStore, Keys
+from vmferry.host.vms import socket_root
 from vmferry.lab.procs import qemus_of as _qemus_of
+from vmferry.qemu.qmp import qmp_session
 
 pytestmark = needs_lab
 
@@ -58,13 +61,15 @@ def ha_cluster(lab: LabHandle, name: str) -> Iterator[Etcd]:
         etcd.close()
 
 
-def _shared_vm(lab: LabHandle, host: str, name: str) -> tuple[str, dict[str, Any]]:
+def _shared_vm(
+    lab: LabHandle, host: str, name: str, roles: tuple[str, ...] = ("heartbeat", "udpecho")
+) -> tuple[str, dict[str, Any]]:
     """A started probe VM on ``host`` with its folder and disk on the shared volume."""
     ip = lab.guest_ip()
     spec: dict[str, Any] = {
         "name": name, "memory_mib": 256, "disks": [{"size_mib": 16}],
         "nics": [{"switch": "external"}], "storage_dir": str(lab.lab.shared_dir / name),
-        "probe": {"ip": f"{ip}/24", "roles": ["heartbeat", "udpecho"]},
+        "probe": {"ip": f"{ip}/24", "roles": list(roles)},
     }  # fmt: skip
     with lab.client(host) as c:
         c.create_vm(spec)
@@ -262,6 +267,59 @@ def test_a_clustered_vm_the_admin_stopped_stays_off_through_a_failover(lab: LabH
         if lab.lab.agent_pid("h2") is None:
             lab.lab.start_agent("h2")
         _forget_everywhere(lab, "ha-off", "h1")
+
+
+def _press_power_button(lab: LabHandle, host: str, uuid: str) -> None:
+    """ACPI power button through the VM's diagnostics QMP socket: ferry is not asked, the guest
+    powers itself off (as when its OS shuts down)."""
+    sock = socket_root(lab.lab.host_dir(host) / "state") / uuid.replace("-", "")[:12]
+
+    async def press() -> None:
+        async with qmp_session(sock / "qmp-diag.sock") as q:
+            for _ in range(6):  # a guest may miss a press while it is still starting up
+                await q.execute("system_powerdown")
+                for _ in range(25):
+                    if await q.status() == "shutdown":
+                        return
+                    await asyncio.sleep(0.2)
+        raise AssertionError("the guest did not power off on the ACPI button")
+
+    asyncio.run(press())
+
+
+def test_a_clustered_vm_that_powers_itself_off_is_kept_off(lab: LabHandle) -> None:
+    """A guest that shuts itself down (not through ferry) is recorded like a ``ferry vm stop``:
+    failover will keep it off; the host logs the power-off; ``ferry vm start`` clears it."""
+    ip, vm = _shared_vm(lab, "h2", "ha-pwr", ("heartbeat", "udpecho", "power"))
+    try:
+        with ha_cluster(lab, "hpwr") as etcd:
+            store = ClusterVMStore(etcd)
+            with lab.client("h2") as c:
+                c.cluster_vm_add("ha-pwr")
+            rec = store.vm_record("hpwr", "ha-pwr")
+            assert rec is not None and not rec[0].keep_off
+            _press_power_button(lab, "h2", vm["uuid"])
+
+            def kept_off() -> bool:
+                got = store.vm_record("hpwr", "ha-pwr")
+                return got is not None and got[0].keep_off
+
+            wait_for(kept_off, 30, "keep_off recorded after the guest's power-off")
+            assert _qemus_of(vm["uuid"]) == []
+            with lab.client("h2") as c:
+                assert c.vm("ha-pwr")["state"] == "off"
+                assert [e["kind"] for e in c.events(vm="ha-pwr", kind="vm-powered-off")] == [
+                    "vm-powered-off"
+                ]
+                whys = [e["reason"] for e in c.cluster_events() if e["vm"] == "ha-pwr"]
+            assert any("inside the guest" in w for w in whys), whys
+            r = ferry("--host", "h2", "vm", "start", "ha-pwr")
+            assert r.returncode == 0, r.stderr
+            lab.wait_guest(ip, 60)
+            rec = store.vm_record("hpwr", "ha-pwr")
+            assert rec is not None and not rec[0].keep_off
+    finally:
+        _forget_everywhere(lab, "ha-pwr", "h2")
 
 
 def _hosts_of(lab: LabHandle, pids: list[int]) -> set[str]:

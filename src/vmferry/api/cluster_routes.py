@@ -158,6 +158,7 @@ def add_cluster_routes(
 
     # -- clustered VMs and failover (cluster/vms.py, cluster/controller.py) ----------------------
     cvms = ClusterVMs(host.vms, lambda: host.settings, member)
+    host.vms.on_guest_power_off(cvms.guest_powered_off)
     controller = Controller(
         member, lambda: host.settings, HttpClusterPeer(tls, timeout=CONTROLLER_CALL_S)
     )

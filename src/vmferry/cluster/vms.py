@@ -227,12 +227,14 @@ class ClusterVMs:
         except EtcdUnavailable:
             return name in self.member.clustered
 
-    async def record_wanted(self, name: str, running: bool, by: str | None) -> bool | None:
+    async def record_wanted(
+        self, name: str, running: bool, by: str | None, why: str | None = None
+    ) -> bool | None:
         """Record whether the admin wants clustered VM ``name`` running (start, restore) or off
         (stop, shutdown, save): failover keeps an unwanted VM off. Returns the VM's previous
         ``keep_off`` (to undo it if the action fails); None when the VM is not a clustered VM
         this node owns, or etcd does not answer (logged: the action goes on, and failover
-        treats the VM as before)."""
+        treats the VM as before). ``why`` replaces the event's default reason."""
         cluster = self.member.cluster
         if cluster is None:
             return None
@@ -247,8 +249,8 @@ class ClusterVMs:
                     return vm.keep_off
                 new = vm.model_copy(update={"keep_off": not running})
                 if await asyncio.to_thread(store.update_vm, cluster, new, rev):
-                    why = ("stopped by the admin: failover keeps it off" if new.keep_off
-                           else "started by the admin: failover starts it")  # fmt: skip
+                    why = why or ("stopped by the admin: failover keeps it off" if new.keep_off
+                                  else "started by the admin: failover starts it")  # fmt: skip
                     await self._event(store, cluster, "changed", new, by, why)
                     return vm.keep_off
         except EtcdUnavailable as exc:
@@ -257,6 +259,13 @@ class ClusterVMs:
             return None
         log.warning("VM %s: its cluster record kept changing; keep_off not recorded", name)
         return None
+
+    async def guest_powered_off(self, name: str) -> None:
+        """A clustered VM whose guest powered itself off stays off through a failover, as one
+        the admin stopped (the host's monitor calls this; ``start`` clears it)."""
+        await self.record_wanted(
+            name, False, None, "powered off from inside the guest: failover keeps it off"
+        )
 
     async def planned_move(self, name: str) -> tuple[str, str | None] | None:
         """(owner node, node it is moving to) of clustered VM ``name``; None when it is not

@@ -19,7 +19,7 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -113,6 +113,8 @@ class VMInfo(BaseModel):
 
 
 ImageProvider = Callable[[], tuple[Path, Path]]
+#: Told a VM's name once its guest powered itself off and the monitor stopped its QEMU.
+PowerOffHook = Callable[[str], Awaitable[None]]
 
 
 def default_image() -> tuple[Path, Path]:
@@ -157,6 +159,7 @@ class VMManager:
         #: the source until the move commits.
         self._pending: dict[str, VMSpec] = {}
         self._monitor: asyncio.Task[None] | None = None
+        self._power_off_hooks: list[PowerOffHook] = []
         (state_dir / "run").mkdir(parents=True, exist_ok=True)
 
     # -- records ---------------------------------------------------------------------------
@@ -1137,6 +1140,12 @@ class VMManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
 
+    def on_guest_power_off(self, hook: PowerOffHook) -> None:
+        """Call ``hook(name)`` after a guest powered itself off (its OS shut down, or the ACPI
+        button pressed by another tool) and the monitor stopped its QEMU; not for a stop or
+        shutdown asked of ferry, nor for a QEMU that died. A failing hook is logged."""
+        self._power_off_hooks.append(hook)
+
     async def _watch(self, interval: float) -> None:
         while True:
             for name in list(self._registry()):
@@ -1161,15 +1170,24 @@ class VMManager:
                     rt.crashed_at = time.time()
                     self._save_runtime(spec, rt)
                     log.error("VM %s crashed: QEMU pid %s is gone", name, rt.pid)
+                    self.events.record("vm-crashed", f"VM {name} crashed: its QEMU (pid "
+                                       f"{rt.pid}) is gone", level="error", vm=name)  # fmt: skip
                 return
             try:
                 async with qmp_session(self._qmp_path(spec), timeout=3) as q:
                     status = await q.status()
             except QmpError:
                 return
-            if status == "shutdown":
-                log.info("VM %s powered itself off", name)
-                await self._quit(spec, rt)
+            if status != "shutdown":
+                return
+            log.info("VM %s powered itself off", name)
+            await self._quit(spec, rt)
+            self.events.record("vm-powered-off", f"VM {name} powered itself off", vm=name)
+        for hook in self._power_off_hooks:
+            try:
+                await hook(name)
+            except Exception as exc:  # the monitor goes on with the other VMs
+                log.warning("VM %s: after its power-off: %s", name, exc)
 
 
 def _delete_files(spec: VMSpec) -> None:
