@@ -2,8 +2,10 @@
 
 ``python -m bench.handover --moves 6 --send-queue 0,8`` brings up a 2-host lab with the
 migration link shaped to 1 Gbit/s, boots one idle probe guest and, for each value of the host
-setting ``migration.send_queue_ms`` (0 = kernel default), moves it ``--moves`` times between
-the hosts under a 1 ms UDP echo probe. Per move it prints the gap at the hand-over, the longest
+setting ``migration.send_queue_ms`` (0 = kernel default) and each of ``migration.downtime_aim``
+(``--downtime-aim 1,0.25``: QEMU given the whole downtime target from the start, or a quarter
+of it for the first passes), moves it ``--moves`` times between the hosts under a 1 ms UDP
+echo probe. Per move it prints the gap at the hand-over, the longest
 gap before it (the guest still on the source), QEMU's downtime and the pre-copy phase's length;
 then the medians per variant. ``--quickack`` also makes both hosts acknowledge at once on the
 migration route (``ip route ... quickack 1``; a lab-only comparison with Nagle's algorithm and
@@ -30,11 +32,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HOSTS = ("h1", "h2")
 
 
-def _set_send_queue(lab: Lab, ms: float) -> None:
+def _set_migration(lab: Lab, send_queue_ms: float, downtime_aim: float) -> None:
     for h in HOSTS:
         with lab.client(h) as c:
             mig = dict(c.settings()["migration"])
-            mig["send_queue_ms"] = ms
+            mig["send_queue_ms"] = send_queue_ms
+            mig["downtime_aim"] = downtime_aim
             c.update_settings(migration=mig)
 
 
@@ -76,7 +79,7 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(vals), 3) if vals else None
 
 
-def run(moves: int, send_queues: list[float], quickack: bool) -> dict[str, Any]:
+def run(moves: int, send_queues: list[float], aims: list[float], quickack: bool) -> dict[str, Any]:
     """Bring up the lab, move the guest ``moves`` times per variant, tear the lab down."""
     base = Path(tempfile.mkdtemp(prefix="vmferry-handover-"))
     os.environ["FERRY_CONFIG"] = str(base / "client.json")
@@ -92,19 +95,19 @@ def run(moves: int, send_queues: list[float], quickack: bool) -> dict[str, Any]:
         wait_answer(lab, ip, 300)
         time.sleep(3)
         where = "h1"
-        for ms in send_queues:
-            _set_send_queue(lab, ms)
+        for ms, aim in [(ms, aim) for ms in send_queues for aim in aims]:
+            _set_migration(lab, ms, aim)
             rows = []
             for _ in range(moves):
                 dst = "h2" if where == "h1" else "h1"
                 row = _move(lab, ip, where, dst)
-                print(json.dumps({"send_queue_ms": ms, **row}), flush=True)
+                print(json.dumps({"send_queue_ms": ms, "downtime_aim": aim, **row}), flush=True)
                 rows.append(row)
                 if row["state"] == "completed":
                     where = dst
                 time.sleep(2)
             variants.append({
-                "send_queue_ms": ms, "moves": rows,
+                "send_queue_ms": ms, "downtime_aim": aim, "moves": rows,
                 **{f"median_{k}": _median(rows, k) for k in
                    ("handover_gap_ms", "before_gap_ms", "qemu_downtime_ms", "precopy_s")},
             })  # fmt: skip
@@ -119,11 +122,14 @@ def main() -> None:
     ap.add_argument("--moves", type=int, default=6, help="moves per variant (1-40)")
     ap.add_argument("--send-queue", default="0,8",
                     help="comma-separated migration.send_queue_ms values to compare")  # fmt: skip
+    ap.add_argument("--downtime-aim", default="0.25",
+                    help="comma-separated migration.downtime_aim values to compare")  # fmt: skip
     ap.add_argument("--quickack", action="store_true",
                     help="acknowledge at once on the lab's migration route")  # fmt: skip
     args = ap.parse_args()
     queues = [float(v) for v in args.send_queue.split(",") if v.strip()]
-    doc = run(max(1, min(args.moves, 40)), queues, args.quickack)
+    aims = [float(v) for v in args.downtime_aim.split(",") if v.strip()]
+    doc = run(max(1, min(args.moves, 40)), queues, aims, args.quickack)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "handover.json").write_text(json.dumps(doc, indent=1) + "\n")
     for v in doc["variants"]:

@@ -1,12 +1,22 @@
 """The auto policy's prediction of whether pre-copy converges."""
 
+import asyncio
 import math
 from typing import Any
 
 import pytest
 
-from vmferry.migration.converge import Counters, PassWatch, xbzrle_cache_bytes, xbzrle_pays
-from vmferry.migration.engine import MAX_PRECOPY_PASSES, predict_passes
+from vmferry.migration.converge import (
+    AIM_MIN_MS,
+    AIM_PASSES,
+    Counters,
+    PassWatch,
+    aimed_downtime_ms,
+    xbzrle_cache_bytes,
+    xbzrle_pays,
+)
+from vmferry.migration.engine import MAX_PRECOPY_PASSES, Moves, predict_passes
+from vmferry.migration.model import Job, MoveOptions
 
 LINK = 119e6  # bytes/s on a 1 Gbit/s link
 
@@ -196,3 +206,53 @@ def test_send_queue_is_bounded_near_the_end_of_the_first_scan() -> None:
     assert not bulk_copy_ending(1, gib, 0, gib, rate)
     assert not bulk_copy_ending(0, 0, 0, 0, rate)
     assert bulk_copy_ending(2, gib, 824 << 20, 500 << 20, rate)
+
+
+def test_qemu_aims_at_a_share_of_the_downtime_target() -> None:
+    assert aimed_downtime_ms(50, 0.25) == 12  # rounded to the nearest ms
+    assert aimed_downtime_ms(50, 1.0) == 50  # the whole target from the start
+    assert aimed_downtime_ms(10, 0.25) == AIM_MIN_MS  # never below the floor ...
+    assert aimed_downtime_ms(3, 0.25) == 3  # ... nor above the target itself
+
+
+class _Params:
+    """Stands in for a QMP session: keeps the migration parameters it was asked to set."""
+
+    def __init__(self) -> None:
+        self.set: list[dict[str, Any]] = []
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert cmd == "migrate-set-parameters", cmd
+        self.set.append(args or {})
+        return {}
+
+
+def test_downtime_limit_goes_to_the_whole_target_once_the_aimed_passes_are_done() -> None:
+    moves = Moves.__new__(Moves)  # only _converge's state is needed
+    job = Job(vm="vm1", source="h1", destination="h2", destination_url="https://h2:7443",
+              options=MoveOptions(downtime_target_ms=60))  # fmt: skip
+    moves._watch = {job.id: PassWatch(xbzrle=False, limit_ms=aimed_downtime_ms(60, 0.25))}
+    q = _Params()
+    info = _info(1000)
+    for passes in range(1, AIM_PASSES + 1):  # still aiming low: nothing changes
+        job.progress.passes = passes
+        asyncio.run(moves._converge(job, q, info, postcopy=False, policy="auto"))  # type: ignore[arg-type]
+    assert q.set == [] and job.escalations == []
+    job.progress.passes = AIM_PASSES + 1
+    asyncio.run(moves._converge(job, q, info, postcopy=False, policy="auto"))  # type: ignore[arg-type]
+    assert q.set == [{"downtime-limit": 60}]
+    assert job.escalations == [f"downtime limit 15 -> 60 ms after pass {AIM_PASSES}: the rest "
+                               "stayed above the aim"]  # fmt: skip
+    asyncio.run(moves._converge(job, q, info, postcopy=False, policy="auto"))  # type: ignore[arg-type]
+    assert len(q.set) == 1  # once
+
+
+def test_qemus_defaults_keep_their_downtime_limit() -> None:
+    moves = Moves.__new__(Moves)
+    job = Job(vm="vm1", source="h1", destination="h2", destination_url="https://h2:7443",
+              options=MoveOptions(downtime_target_ms=60))  # fmt: skip
+    moves._watch = {job.id: PassWatch(xbzrle=False)}  # limit_ms 0: the engine set none
+    job.progress.passes = 10
+    q = _Params()
+    asyncio.run(moves._converge(job, q, _info(1000), postcopy=False, policy="auto"))  # type: ignore[arg-type]
+    assert q.set == []

@@ -311,6 +311,13 @@ def host_set(
             help="ms of unsent data a migration socket may queue at its rate (0 = kernel default)",
         ),
     ] = None,
+    downtime_aim: Annotated[
+        float | None,
+        typer.Option(
+            "--downtime-aim",
+            help="share of a move's downtime target QEMU aims at in its first passes (0.05-1)",
+        ),
+    ] = None,
     storage_max_concurrent: Annotated[
         int | None, typer.Option("--storage-max-concurrent", help="storage moves at once")
     ] = None,
@@ -355,6 +362,7 @@ def host_set(
             ("streams", streams),
             ("authentication", migration_authentication),
             ("send_queue_ms", send_queue),
+            ("downtime_aim", downtime_aim),
         ):
             if val is not None:
                 mig[key] = val

@@ -57,6 +57,9 @@ class MigrationSettings(BaseModel):
     #: QEMU stops the guest is sent during the pause. 0 leaves the kernel's default (up to
     #: ``net.ipv4.tcp_wmem``'s maximum, 4 MiB: 34 ms at 1 Gbit/s).
     send_queue_ms: float = Field(default=8.0, ge=0, le=1000)
+    #: The share of a move's downtime target QEMU aims at in its first passes (docs/migration.md,
+    #: "Aiming below the downtime target"); 1 gives QEMU the whole target from the start.
+    downtime_aim: float = Field(default=0.25, ge=0.05, le=1.0)
     port_min: int = Field(default=49152, ge=1024, le=65535)
     port_max: int = Field(default=49215, ge=1024, le=65535)
     #: Who may start a move from this host and what this host accepts (docs/security.md):

@@ -50,6 +50,22 @@ CACHE_MIN = 64 << 20
 CACHE_MAX = 1 << 30
 
 
+#: QEMU's downtime limit is the downtime target times the host's ``migration.downtime_aim``
+#: (at least AIM_MIN_MS) until this many memory passes are done, then the whole target.
+AIM_PASSES = 4
+AIM_MIN_MS = 5
+
+
+def aimed_downtime_ms(target_ms: int, aim: float) -> int:
+    """QEMU's downtime limit for the first passes of a move with downtime target ``target_ms``.
+
+    QEMU switches over once what is left fits in its limit at the rate it measured, and its
+    pause overshoots the limit when the rate drops as it stops the guest; a guest that dirties
+    little gets under a quarter of the target within a pass or two. A guest that does not by
+    pass AIM_PASSES gets the whole target (the policy's predictions use the whole target)."""
+    return min(target_ms, max(AIM_MIN_MS, round(target_ms * aim)))
+
+
 #: The send queue of the migration sockets is bounded once what is left of the bulk copy
 #: takes this long on the wire (it needs a moment to drain to the bound before the pause).
 QUEUE_LEAD_S = 0.1
@@ -155,6 +171,8 @@ class PassWatch:
     #: Raw bytes of dirty memory per second the source gets through with XBZRLE.
     flush_bps: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: QEMU's downtime limit now (ms; 0: not set by the engine, QEMU's defaults).
+    limit_ms: int = 0
 
     def observe(
         self, passes: int, remaining: int, counters: Counters, now: float, page_size: int = 4096

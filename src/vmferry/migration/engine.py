@@ -28,7 +28,14 @@ from vmferry.host.host import cpu_info
 from vmferry.host.settings import HostSettings
 from vmferry.host.spec import VMSpec
 from vmferry.host.vms import VMManager, VMState
-from vmferry.migration.converge import Counters, PassWatch, bulk_copy_ending, xbzrle_cache_bytes
+from vmferry.migration.converge import (
+    AIM_PASSES,
+    Counters,
+    PassWatch,
+    aimed_downtime_ms,
+    bulk_copy_ending,
+    xbzrle_cache_bytes,
+)
 from vmferry.migration.model import (
     CheckResult,
     Destination,
@@ -680,10 +687,10 @@ class Moves:
             auto_converge=not opts.qemu_defaults and (opts.policy == "precopy" or not req.postcopy),
             xbzrle_cache=xbzrle_cache_bytes(spec.memory_mib << 20) if xbzrle else None,
         )  # fmt: skip
-        self._watch[job.id] = PassWatch(xbzrle=xbzrle)
+        self._watch[job.id] = pw = PassWatch(xbzrle=xbzrle)
         if not opts.qemu_defaults:
-            await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps,
-                                    opts.downtime_target_ms)  # fmt: skip
+            pw.limit_ms = aimed_downtime_ms(opts.downtime_target_ms, s.downtime_aim)
+            await set_stream_limits(q, opts.bandwidth_mbps or s.bandwidth_mbps, pw.limit_ms)
         await q.execute("migrate", {"uri": f"tcp:{address}:{plan.port}"})
         started = time.monotonic()
         watch = _PeerWatch(peer, job.id)
@@ -861,6 +868,14 @@ class Moves:
         p = job.progress
         page = int(info.get("ram", {}).get("page-size", 4096))
         now = time.monotonic()
+        target = job.options.downtime_target_ms
+        if 0 < watch.limit_ms < target and p.passes > AIM_PASSES:
+            await q.execute("migrate-set-parameters", {"downtime-limit": target})
+            job.escalations.append(
+                f"downtime limit {watch.limit_ms} -> {target} ms after pass {p.passes - 1}: "
+                "the rest stayed above the aim"
+            )
+            watch.limit_ms = target
         judged = watch.verdict is not None
         if watch.observe(p.passes, p.ram_remaining, Counters.of(info), now, page):
             if not judged:
