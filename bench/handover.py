@@ -5,7 +5,7 @@ migration link shaped to 1 Gbit/s, boots one idle probe guest and, for each valu
 setting ``migration.send_queue_ms`` (0 = kernel default) and each of ``migration.downtime_aim``
 (``--downtime-aim 1,0.25``: QEMU given the whole downtime target from the start, or a quarter
 of it for the first passes), moves it ``--moves`` times between the hosts under a 1 ms UDP
-echo probe. Per move it prints the gap at the hand-over, the longest
+echo probe, the variants taking turns. Per move it prints the gap at the hand-over, the longest
 gap before it (the guest still on the source), QEMU's downtime and the pre-copy phase's length;
 then the medians per variant. ``--quickack`` also makes both hosts acknowledge at once on the
 migration route (``ip route ... quickack 1``; a lab-only comparison with Nagle's algorithm and
@@ -95,20 +95,23 @@ def run(moves: int, send_queues: list[float], aims: list[float], quickack: bool)
         wait_answer(lab, ip, 300)
         time.sleep(3)
         where = "h1"
-        for ms, aim in [(ms, aim) for ms in send_queues for aim in aims]:
-            _set_migration(lab, ms, aim)
-            rows = []
-            for _ in range(moves):
+        combos = [(ms, aim) for ms in send_queues for aim in aims]
+        rows: dict[tuple[float, float], list[dict[str, Any]]] = {c: [] for c in combos}
+        # the variants take turns, so a slow spell of the machine hits them alike
+        for _ in range(moves):
+            for ms, aim in combos:
+                _set_migration(lab, ms, aim)
                 dst = "h2" if where == "h1" else "h1"
                 row = _move(lab, ip, where, dst)
                 print(json.dumps({"send_queue_ms": ms, "downtime_aim": aim, **row}), flush=True)
-                rows.append(row)
+                rows[(ms, aim)].append(row)
                 if row["state"] == "completed":
                     where = dst
                 time.sleep(2)
+        for (ms, aim), done in rows.items():
             variants.append({
-                "send_queue_ms": ms, "downtime_aim": aim, "moves": rows,
-                **{f"median_{k}": _median(rows, k) for k in
+                "send_queue_ms": ms, "downtime_aim": aim, "moves": done,
+                **{f"median_{k}": _median(done, k) for k in
                    ("handover_gap_ms", "before_gap_ms", "qemu_downtime_ms", "precopy_s")},
             })  # fmt: skip
     finally:
