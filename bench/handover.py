@@ -97,9 +97,10 @@ def run(moves: int, send_queues: list[float], aims: list[float], quickack: bool)
         where = "h1"
         combos = [(ms, aim) for ms in send_queues for aim in aims]
         rows: dict[tuple[float, float], list[dict[str, Any]]] = {c: [] for c in combos}
-        # the variants take turns, so a slow spell of the machine hits them alike
-        for _ in range(moves):
-            for ms, aim in combos:
+        # the variants take turns, so a slow spell of the machine hits them alike; the order
+        # flips every round, so each variant moves both ways
+        for n in range(moves):
+            for ms, aim in combos if n % 2 == 0 else combos[::-1]:
                 _set_migration(lab, ms, aim)
                 dst = "h2" if where == "h1" else "h1"
                 row = _move(lab, ip, where, dst)
