@@ -241,7 +241,7 @@ def test_downtime_limit_goes_to_the_whole_target_once_the_aimed_passes_are_done(
     job.progress.passes = AIM_PASSES + 1
     asyncio.run(moves._converge(job, q, info, postcopy=False, policy="auto"))  # type: ignore[arg-type]
     assert q.set == [{"downtime-limit": 60}]
-    assert job.escalations == [f"downtime limit 15 -> 60 ms after pass {AIM_PASSES}: the rest "
+    assert job.escalations == [f"downtime limit 15 -> 60 ms at pass {AIM_PASSES + 1}: the rest "
                                "stayed above the aim"]  # fmt: skip
     asyncio.run(moves._converge(job, q, info, postcopy=False, policy="auto"))  # type: ignore[arg-type]
     assert len(q.set) == 1  # once
@@ -256,3 +256,16 @@ def test_qemus_defaults_keep_their_downtime_limit() -> None:
     q = _Params()
     asyncio.run(moves._converge(job, q, _info(1000), postcopy=False, policy="auto"))  # type: ignore[arg-type]
     assert q.set == []
+
+
+def test_a_working_set_xbzrle_pays_on_gets_the_whole_target_at_once() -> None:
+    moves = Moves.__new__(Moves)
+    job = Job(vm="vm1", source="h1", destination="h2", destination_url="https://h2:7443",
+              options=MoveOptions(downtime_target_ms=60))  # fmt: skip
+    watch = PassWatch(xbzrle=True, limit_ms=15, verdict=True)  # judged before this sample
+    moves._watch = {job.id: watch}
+    job.progress.passes = 3
+    q = _Params()
+    asyncio.run(moves._converge(job, q, _info(1000), postcopy=False, policy="auto"))  # type: ignore[arg-type]
+    assert {"downtime-limit": 60} in q.set
+    assert job.escalations[-1].startswith("downtime limit 15 -> 60 ms at pass 3: XBZRLE pays")

@@ -59,7 +59,7 @@ from vmferry.migration.qemu_ops import (
 )
 from vmferry.migration.slots import Slots
 from vmferry.migration.trace import TraceRecorder
-from vmferry.qemu.qmp import QmpError, QmpSession, qmp_session
+from vmferry.qemu.qmp import EventWaiter, QmpError, QmpSession, qmp_session
 from vmferry.qemu.sockets import set_nodelay, set_notsent_lowat, stream_fds
 from vmferry.qemu.tls import X509Files, prepare_creds_dir
 
@@ -698,7 +698,9 @@ class Moves:
         tune = asyncio.ensure_future(self._tune_sockets(
             job, plan.port, s.send_queue_ms, opts.bandwidth_mbps or s.bandwidth_mbps))  # fmt: skip
         try:
-            await self._precopy_loop(job, q, plan, peer, address, req, watch, started)
+            # woken at once by QEMU's MIGRATION events (pre-switchover pauses the guest)
+            with q.waiter("MIGRATION") as events:
+                await self._precopy_loop(job, q, plan, peer, address, req, watch, started, events)
         finally:
             watch.close()
             tune.cancel()
@@ -767,7 +769,7 @@ class Moves:
 
     async def _precopy_loop(
         self, job: Job, q: QmpSession, plan: IncomingPlan, peer: Peer, address: str,
-        req: IncomingRequest, watch: _PeerWatch, started: float,
+        req: IncomingRequest, watch: _PeerWatch, started: float, events: EventWaiter,
     ) -> None:  # fmt: skip
         opts = job.options
         last_bytes, last_progress = -1, time.monotonic()
@@ -838,7 +840,7 @@ class Moves:
                     await self._force(job, q, req.postcopy)
                 else:
                     await self._converge(job, q, info, req.postcopy, opts.policy)
-            await asyncio.sleep(POLL_S)
+            await events.wait(POLL_S)
 
     def _record(self, job: Job, info: dict[str, Any]) -> None:
         ram = info.get("ram", {})
@@ -868,14 +870,6 @@ class Moves:
         p = job.progress
         page = int(info.get("ram", {}).get("page-size", 4096))
         now = time.monotonic()
-        target = job.options.downtime_target_ms
-        if 0 < watch.limit_ms < target and p.passes > AIM_PASSES:
-            await q.execute("migrate-set-parameters", {"downtime-limit": target})
-            job.escalations.append(
-                f"downtime limit {watch.limit_ms} -> {target} ms after pass {p.passes - 1}: "
-                "the rest stayed above the aim"
-            )
-            watch.limit_ms = target
         judged = watch.verdict is not None
         if watch.observe(p.passes, p.ram_remaining, Counters.of(info), now, page):
             if not judged:
@@ -886,6 +880,17 @@ class Moves:
                 # make look tiny: without this it would never switch over.
                 await q.execute("migrate-set-parameters", {"avail-switchover-bandwidth": bps})
                 log.info("move %s: pass %d, switchover bandwidth %d B/s", job.id, p.passes, bps)
+        target = job.options.downtime_target_ms
+        if 0 < watch.limit_ms < target and (p.passes > AIM_PASSES or watch.verdict):
+            # aiming low pays for a guest that dirties little; one that keeps rewriting a
+            # working set (XBZRLE pays on it) would only run more passes for it
+            await q.execute("migrate-set-parameters", {"downtime-limit": target})
+            why = ("XBZRLE pays: the guest keeps rewriting a working set" if watch.verdict
+                   else "the rest stayed above the aim")  # fmt: skip
+            job.escalations.append(
+                f"downtime limit {watch.limit_ms} -> {target} ms at pass {p.passes}: {why}"
+            )
+            watch.limit_ms = target
         if not postcopy or job.postcopy_used:
             return
         if policy == "postcopy":

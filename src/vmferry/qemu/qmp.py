@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 
 log = logging.getLogger("vmferry.qemu")
 
 
 class QmpError(RuntimeError):
     """A QMP command failed or QEMU could not be reached; names the command."""
+
+
+class EventWaiter:
+    """Sleeps for a polling loop, waking early when QEMU sends one of the watched events."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True as soon as a watched event came (every event
+        that came meanwhile is taken with it)."""
+        if self._listener.empty():
+            try:
+                await asyncio.wait_for(self._listener.get(), timeout)
+            except TimeoutError:
+                return False
+        self._listener.clear()
+        return True
 
 
 class QmpSession:
@@ -57,6 +75,16 @@ class QmpSession:
         """QEMU's run state (running, paused, shutdown, inmigrate, postmigrate, ...)."""
         res = await self.execute("query-status")
         return str(res["status"])
+
+    @contextmanager
+    def waiter(self, *names: str) -> Iterator[EventWaiter]:
+        """An :class:`EventWaiter` for events ``names`` (e.g. ``MIGRATION``) while in use."""
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        try:
+            yield EventWaiter(listener)
+        finally:
+            self._client.remove_listener(listener)
 
     @property
     def client(self) -> QMPClient:
