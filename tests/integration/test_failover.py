@@ -22,7 +22,7 @@ from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.store import ClusterVMStore, Keys
 from vmferry.host.vms import socket_root
 from vmferry.lab.procs import qemus_of as _qemus_of
-from vmferry.qemu.qmp import qmp_session
+from vmferry.qemu.qmp import QmpError, qmp_session
 
 pytestmark = needs_lab
 
@@ -279,8 +279,11 @@ def _press_power_button(lab: LabHandle, host: str, uuid: str) -> None:
             for _ in range(6):  # a guest may miss a press while it is still starting up
                 await q.execute("system_powerdown")
                 for _ in range(25):
-                    if await q.status() == "shutdown":
-                        return
+                    try:
+                        if await q.status() == "shutdown":
+                            return
+                    except QmpError:
+                        return  # the agent saw it off first and stopped its QEMU
                     await asyncio.sleep(0.2)
         raise AssertionError("the guest did not power off on the ACPI button")
 

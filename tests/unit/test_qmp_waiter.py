@@ -1,14 +1,16 @@
-"""The pre-copy loop's sleep wakes as soon as QEMU sends a watched event."""
+"""The pre-copy loop's sleep wakes as soon as QEMU sends a watched event; a lost connection
+is a :class:`QmpError` like any other failure to reach QEMU."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from qemu.qmp import EventListener
+import pytest
+from qemu.qmp import EventListener, ExecInterruptedError
 from qemu.qmp.message import Message
 
-from vmferry.qemu.qmp import EventWaiter
+from vmferry.qemu.qmp import EventWaiter, QmpError, QmpSession
 
 
 def _event(name: str) -> Message:
@@ -40,3 +42,16 @@ def test_an_event_wakes_the_waiter_at_once_and_is_taken() -> None:
     woke, took, again = asyncio.run(scenario())
     assert woke and took < 1.0
     assert again is False
+
+
+class _LostClient:
+    """A qemu.qmp client whose QEMU closed the socket before answering."""
+
+    async def execute(self, cmd: str, args: object = None, oob: bool = False) -> object:
+        raise ExecInterruptedError("Disconnected")
+
+
+def test_a_connection_lost_mid_command_is_a_qmp_error() -> None:
+    session = QmpSession(_LostClient(), timeout=1.0)  # type: ignore[arg-type]
+    with pytest.raises(QmpError, match="query-status: the connection to QEMU was lost"):
+        asyncio.run(session.status())

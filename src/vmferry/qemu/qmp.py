@@ -9,7 +9,14 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    StateError,
+)
 
 log = logging.getLogger("vmferry.qemu")
 
@@ -61,6 +68,9 @@ class QmpSession:
             )
         except ExecuteError as exc:
             raise QmpError(f"QMP {cmd} failed: {exc.error.error.desc}") from exc
+        except (ExecInterruptedError, StateError) as exc:
+            # QEMU closed the socket (it quit, or died) before it answered
+            raise QmpError(f"QMP {cmd}: the connection to QEMU was lost ({exc})") from exc
         except TimeoutError as exc:
             raise QmpError(
                 f"QMP {cmd} did not answer within {timeout or self.timeout:.0f} s"
