@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -117,6 +118,7 @@ def run(moves: int, send_queues: list[float], aims: list[float], quickack: bool)
             })  # fmt: skip
     finally:
         lab.down()
+    shutil.rmtree(base, ignore_errors=True)  # kept after a failure: its lab records
     return {"quickack": quickack, "link": LINK_RATE, "variants": variants}
 
 
