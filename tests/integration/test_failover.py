@@ -20,7 +20,7 @@ from conftest import LabHandle, needs_lab, wait_for
 from vmferry.client import FerryError, NotFoundError, RefusedError
 from vmferry.cluster.etcd import Etcd
 from vmferry.cluster.store import ClusterVMStore, Keys
-from vmferry.host.vms import socket_root
+from vmferry.host.vms import socket_dir
 from vmferry.lab.procs import qemus_of as _qemus_of
 from vmferry.qemu.qmp import QmpError, qmp_session
 
@@ -272,7 +272,7 @@ def test_a_clustered_vm_the_admin_stopped_stays_off_through_a_failover(lab: LabH
 def _press_power_button(lab: LabHandle, host: str, uuid: str) -> None:
     """ACPI power button through the VM's diagnostics QMP socket: ferry is not asked, the guest
     powers itself off (as when its OS shuts down)."""
-    sock = socket_root(lab.lab.host_dir(host) / "state") / uuid.replace("-", "")[:12]
+    sock = socket_dir(lab.lab.host_dir(host) / "state", uuid)
 
     async def press() -> None:
         async with qmp_session(sock / "qmp-diag.sock") as q:

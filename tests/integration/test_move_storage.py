@@ -16,7 +16,7 @@ import pytest
 from conftest import LabHandle, files_under, needs_lab, serial_lines, wait_for, wait_job
 
 from vmferry.client import FerryError
-from vmferry.host.vms import socket_root
+from vmferry.host.vms import socket_dir
 from vmferry.lab.lab import start_probe
 from vmferry.qemu.qmp import qmp_session
 
@@ -68,7 +68,7 @@ def _disk_path(vm: dict[str, Any]) -> str:
 
 def _graph_files(lab: LabHandle, vm: dict[str, Any]) -> set[str]:
     """Every file QEMU's block graph has open (through the free diagnostics QMP socket)."""
-    sock = socket_root(lab.lab.host_dir(HOST) / "state") / vm["uuid"].replace("-", "")[:12]
+    sock = socket_dir(lab.lab.host_dir(HOST) / "state", vm["uuid"])
 
     async def query() -> set[str]:
         async with qmp_session(sock / "qmp-diag.sock") as q:

@@ -23,6 +23,7 @@ from conftest import LabHandle, admin_ticket, needs_lab, post_incoming, vm_names
 from vmferry import __version__
 from vmferry.host.host import cpu_info
 from vmferry.host.spec import CONFIG_FILE
+from vmferry.host.vms import vm_tag
 from vmferry.lab.procs import run_in_netns
 from vmferry.qemu.process import QemuProcess
 
@@ -106,7 +107,7 @@ def test_destination_qemu_refuses_another_certificate(lab: LabHandle) -> None:
         address = plan["candidates"][0]
         r = _h2(lab, h1, "POST", f"/v1/migrations/incoming/{job}/start", {"address": address})
         assert r.status_code == 204, r.text
-        run = lab.lab.host_dir("h2") / "state" / "run" / spec["uuid"].replace("-", "")[:12]
+        run = lab.lab.host_dir("h2") / "state" / "run" / vm_tag(spec["uuid"])
         rt = json.loads((run / "runtime.json").read_text())
         qemu = QemuProcess(int(rt["pid"]), int(rt["start_time"]))
 

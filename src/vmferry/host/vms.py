@@ -130,6 +130,17 @@ def socket_root(state_dir: Path) -> Path:
     return Path(os.environ.get("VMFERRY_RUN_DIR", "/run/vmferry")) / tag
 
 
+def vm_tag(uuid: str) -> str:
+    """A VM's short directory name under a host's run and socket directories."""
+    return uuid.replace("-", "")[:12]
+
+
+def socket_dir(state_dir: Path, uuid: str) -> Path:
+    """Where the QMP sockets (``qmp.sock``, ``qmp-diag.sock``) of VM ``uuid`` live on the host
+    whose state directory is ``state_dir``."""
+    return socket_root(state_dir) / vm_tag(uuid)
+
+
 def meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -188,10 +199,10 @@ class VMManager:
             raise HostError(f"configuration of VM {name!r} is missing: {path}") from exc
 
     def _run_dir(self, spec: VMSpec) -> Path:
-        return self.state_dir / "run" / spec.uuid.replace("-", "")[:12]
+        return self.state_dir / "run" / vm_tag(spec.uuid)
 
     def _sock_dir(self, spec: VMSpec) -> Path:
-        return socket_root(self.state_dir) / spec.uuid.replace("-", "")[:12]
+        return socket_dir(self.state_dir, spec.uuid)
 
     def _qmp_path(self, spec: VMSpec) -> Path:
         return self._sock_dir(spec) / "qmp.sock"
