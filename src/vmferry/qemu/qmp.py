@@ -96,11 +96,6 @@ class QmpSession:
         finally:
             self._client.remove_listener(listener)
 
-    @property
-    def client(self) -> QMPClient:
-        """The underlying qemu.qmp client (for event listeners)."""
-        return self._client
-
 
 async def wait_for_socket(path: Path, timeout: float) -> None:
     """Wait until QEMU has created its QMP socket."""
