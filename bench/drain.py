@@ -40,6 +40,8 @@ CLUSTER = "bench"
 HOSTS = ("h1", "h2", "h3")
 MOVE_TIMEOUT_S = 180.0
 TARGET = 1.3
+#: Milliseconds between a held TCP session's lines (the session probe's own default).
+SESSION_MS = 20.0
 #: Seconds over which the machine's background load (idle guests, agents, etcd) is measured.
 BACKGROUND_S = 5.0
 
@@ -182,7 +184,7 @@ def run_once(
     names: list[str],
     ips: dict[str, str],
     link: str | None = LINK_RATE,
-    session_ms: float | None = None,
+    session_ms: float = SESSION_MS,
 ) -> dict[str, Any]:
     """Single moves (there and back), then a drain with sessions held, then a failback."""
     etcd = lab.etcd_client()
@@ -228,7 +230,7 @@ def run_once(
         "ratio": round(drain_s / bound, 3), "target": TARGET,
         "sessions_kept": sum(1 for r in held.values() if r.get("ok") and not r.get("reset")),
         "sessions": len(held), "timeline": timeline, "floor": floor,
-        "session_ms": session_ms or 20,
+        "session_ms": session_ms,
         "best_ratio": round(floor["floor_s"] / bound, 3) if floor["floor_s"] else None,
         "drain_cpu_s": round(drain_cpu, 3),
         "drain_cpu_use": round(drain_cpu / (drain_s * cpus), 3),
@@ -250,11 +252,10 @@ def run_all(
     runs: int,
     concurrency: int | None = None,
     link: str | None = LINK_RATE,
-    session_ms: float | None = None,
+    session_ms: float = SESSION_MS,
 ) -> list[dict[str, Any]]:
     """Bring up a 3-host lab (migration links shaped to ``link``; None: not shaped), run
-    ``runs`` rounds (TCP session lines every ``session_ms``; None: the probe's 20 ms), tear
-    the lab down."""
+    ``runs`` rounds (TCP session lines every ``session_ms``), tear the lab down."""
     global _LAB
     lab = Lab(lab_dir)
     _LAB = lab
@@ -307,7 +308,7 @@ def report(
         f"{MEMORY_MIB} MiB probe guests on h1 (files on the shared volume). Single moves: "
         "each VM alone to h2 or h3 (`cluster move`), request to new owner in etcd. Drain: "
         "`cluster drain h1` with a TCP session held to every guest (through the single moves "
-        f"too; a line every {rows[0].get('session_ms', 20) if rows else 20:g} ms), request "
+        f"too; a line every {rows[0]['session_ms'] if rows else SESSION_MS:g} ms), request "
         "to the drain "
         f"record's end. Target: drain <= {TARGET} x (sum of single moves / drain "
         "concurrency).", "",

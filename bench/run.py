@@ -192,7 +192,8 @@ def run_drain(
     name += "" if link == LINK_RATE else f"_link-{link}"
     name += f"_session-{session_ms:g}" if session_ms else ""
     with _workdir() as base:
-        rows = drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency, rate, session_ms)
+        rows = drain.run_all(base / "lab", max(1, min(runs, 10)), concurrency, rate,
+                             session_ms or drain.SESSION_MS)  # fmt: skip
         drain.report(rows, command, name, rate)
 
 
